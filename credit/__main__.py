@@ -1,0 +1,5 @@
+import sys
+
+from credit.cli import main
+
+sys.exit(main())
