@@ -1,5 +1,6 @@
 import os
 
+# (Root conftest: it runs before any test module, in tests/ and bench/, imports triton.)
 # The Triton interpreter must be chosen before triton is imported anywhere. Without a GPU every
 # Triton kernel runs interpreted on CPU tensors; with one, tests run the compiled kernels.
 try:
