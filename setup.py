@@ -41,7 +41,7 @@ def get_extensions():
 
     debug = os.environ.get("DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-std=c++17", "-fopenmp"]
+    cxx_flags = opt + ["-fopenmp"]  # the C++ standard is torch's (C++17 or newer, per version)
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     use_cuda = bool(cuda_sources) and _want_cuda(torch, CUDA_HOME)
@@ -60,7 +60,7 @@ def get_extensions():
         ext = CUDAExtension(
             sources=sources + cuda_sources,
             define_macros=[("CREDIT_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": opt + ["-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": opt + ["--use_fast_math", "-lineinfo"]},
             **common,
         )
     else:

@@ -2,6 +2,28 @@
 
 from credit_kernels._ext import HAS_EXT, HAS_EXT_CUDA
 from credit_kernels.linear_logprob import linear_logprob
+from credit_kernels.prefix_trie import PrefixTrie, build_prefix_trie, gather_sequence_rows, trie_stats
 from credit_kernels.reference import linear_logprob_ref
+from credit_kernels.tree_attention import (
+    TreeAttentionOutput,
+    TreeAttentionPlan,
+    tree_attention,
+    tree_attention_plan,
+    tree_attention_ref,
+)
 
-__all__ = ["HAS_EXT", "HAS_EXT_CUDA", "linear_logprob", "linear_logprob_ref"]
+__all__ = [
+    "HAS_EXT",
+    "HAS_EXT_CUDA",
+    "PrefixTrie",
+    "TreeAttentionOutput",
+    "TreeAttentionPlan",
+    "build_prefix_trie",
+    "gather_sequence_rows",
+    "linear_logprob",
+    "linear_logprob_ref",
+    "tree_attention",
+    "tree_attention_plan",
+    "tree_attention_ref",
+    "trie_stats",
+]

@@ -1,0 +1,525 @@
+"""Tree attention: packed attention over a prefix trie (issue 5, part 2; DESIGN.md "The ops" 3).
+
+The trie lays its unique tokens out in DFS preorder (`credit_kernels/prefix_trie.py`), so packed
+query row i may attend to packed key row j iff
+
+    j <= i  and  i < visible_end[j]
+
+(j in an ancestor node of i's node: i lies in that node's subtree; j in the same node: causal).
+Each row therefore attends causally within its node and fully to its ancestors, and computing a
+shared prefix once serves every sequence that continues it.
+
+Backends:
+- "triton": a flash-attention style kernel (online softmax, fp32 accumulation). A host-side plan
+  lists, per query block, the KV blocks holding at least one visible key (CSR), so the cost is
+  proportional to the attended tokens; masked-out KV blocks are never loaded.
+- "flex": `torch.nn.attention.flex_attention` with a BlockMask built from the same block rule
+  (full blocks skip the mask). On CPU it runs flex's unfused eager path (tests only).
+- "torch": `tree_attention_ref`, a dense-mask reference chunked over queries; the CPU path and the
+  test oracle, differentiable through autograd.
+
+Forward only: the Triton op has no backward yet (teacher scoring runs without gradients). Asking
+for one raises NotImplementedError; use backend="torch" (or "flex") when a gradient is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a pinned requirement, but keep the package importable
+    HAS_TRITON = False
+
+# One fixed config (DESIGN: autotuning only behind CREDIT_AUTOTUNE=1). 64 x 64 tiles, 4 warps, 2 stages is
+# the usual flash-attention forward point for head dims 64/128 on sm_90; not yet tuned on a card.
+BLOCK_M = 64
+BLOCK_N = 64
+NUM_WARPS = 4
+NUM_STAGES = 2
+GPU_HEAD_DIMS = (64, 128)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_BACKENDS = ("auto", "triton", "flex", "torch")
+_LN2 = math.log(2.0)
+_LOG2E = 1.0 / _LN2
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TreeAttentionOutput(NamedTuple):
+    out: torch.Tensor  # [U, Hq, D] q's dtype
+    lse: torch.Tensor  # [U, Hq] fp32, natural log
+
+
+class TreeAttentionPlan(NamedTuple):
+    """Which KV blocks each query block visits; build once per trie, reuse across layers.
+
+    visible_end: [U] int32, as in PrefixTrie.
+    block_ptr:   [ceil(U / block_m) + 1] int32 CSR offsets into block_idx.
+    block_idx:   [nnz] int32 KV block indices, ascending within each query block.
+    """
+
+    visible_end: torch.Tensor
+    block_ptr: torch.Tensor
+    block_idx: torch.Tensor
+    block_m: int
+    block_n: int
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _tree_attention_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, ve_ptr, block_ptr_ptr, block_idx_ptr, out_ptr, lse_ptr,
+        U, qk_scale,
+        stride_q_u, stride_q_h, stride_k_u, stride_k_h, stride_v_u, stride_v_h,
+        stride_o_u, stride_o_h, stride_lse_u, stride_lse_h,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """One program: BLOCK_M query rows of one query head.
+
+        q/out: [U, Hq, HEAD_DIM]; k/v: [U, Hkv, HEAD_DIM], last dim contiguous; ve: [U] int32;
+        block_ptr: [num_m_blocks + 1] int32; block_idx: [nnz] int32; lse: [U, Hq] fp32.
+        qk_scale = softmax scale * log2(e): the softmax runs in base 2 (exp2), accumulation in fp32.
+        """
+        pid_m = tl.program_id(0)
+        pid_h = tl.program_id(1)
+        kv_h = pid_h // GROUP  # GQA: GROUP consecutive query heads share one KV head
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < U
+        # int64 row offsets: U * H * D passes 2^31 for long packed batches
+        q_rows = offs_m.to(tl.int64) * stride_q_u + pid_h * stride_q_h
+        q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        if UPCAST_DOT:  # the interpreter's bf16/fp16 tl.dot is wrong (ENVIRONMENT.md 1.1)
+            q = q.to(tl.float32)
+
+        # A finite start keeps exp2(m_i - m_new) defined when a block masks a whole row.
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        # 1. visit only the KV blocks listed for this query block (the plan's CSR row)
+        start = tl.load(block_ptr_ptr + pid_m)
+        end = tl.load(block_ptr_ptr + pid_m + 1)
+        for t in range(start, end):
+            nb = tl.load(block_idx_ptr + t)
+            offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < U
+            offs_n64 = offs_n.to(tl.int64)
+            k = tl.load(k_ptr + (offs_n64 * stride_k_u + kv_h * stride_k_h)[None, :] + offs_d[:, None],
+                        mask=col_ok[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+            v = tl.load(v_ptr + (offs_n64 * stride_v_u + kv_h * stride_v_h)[:, None] + offs_d[None, :],
+                        mask=col_ok[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+            ve = tl.load(ve_ptr + offs_n, mask=col_ok, other=0)  # 0: padded keys are visible to no row
+            if UPCAST_DOT:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+
+            # 2. scores in base 2, exact element mask  (j <= i) & (i < visible_end[j])
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            visible = (offs_n[None, :] <= offs_m[:, None]) & (offs_m[:, None] < ve[None, :])
+            s = tl.where(visible, s, float("-inf"))
+
+            # 3. online softmax: rescale the running sum and accumulator to the new row max
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        # 4. normalise; every real row sees at least itself, l_i == 0 only on padding rows
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # base 2 -> natural log
+        o_rows = offs_m.to(tl.int64) * stride_o_u + pid_h * stride_o_h
+        tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(lse_ptr + offs_m.to(tl.int64) * stride_lse_u + pid_h * stride_lse_h, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Block plans (torch ops, on the trie's device)
+# ---------------------------------------------------------------------------------------------------------------------
+def _block_ranges(ve: torch.Tensor, block_m: int, block_n: int):
+    """For KV block b, the query blocks that need it form one range [lo_b, hi_b].
+
+    Query block [m0, m1) needs KV block b iff b_start <= m1 - 1 and max(visible_end over b) > m0. In a
+    preorder layout this is exact (some pair in the tile is visible), not just conservative.
+    """
+    u = ve.numel()
+    n_blocks = -(-u // block_n)
+    ve64 = ve.to(torch.int64)
+    padded = torch.nn.functional.pad(ve64, (0, n_blocks * block_n - u), value=0)
+    max_ve = padded.view(n_blocks, block_n).amax(1).clamp(max=u)  # clamp: memory-safe even with check_inputs=False
+    b_start = torch.arange(n_blocks, device=ve.device, dtype=torch.int64) * block_n
+    lo = b_start // block_m
+    hi = torch.maximum((max_ve - 1) // block_m, lo)
+    return lo, hi
+
+
+def _build_plan(visible_end: torch.Tensor, block_m: int, block_n: int) -> TreeAttentionPlan:
+    """CSR of the KV blocks each query block visits, ascending; O(visited blocks) memory."""
+    u = visible_end.numel()
+    ve = visible_end.to(torch.int32).contiguous()
+    dev = ve.device
+    n_m = -(-u // block_m)
+    if u == 0:
+        z = torch.zeros(1, dtype=torch.int32, device=dev)
+        return TreeAttentionPlan(ve, z, z[:0], block_m, block_n)
+    lo, hi = _block_ranges(ve, block_m, block_n)
+    counts = hi - lo + 1
+    b_rep = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), counts)  # syncs once for the size
+    first = torch.cumsum(counts, 0) - counts
+    m_rep = lo[b_rep] + torch.arange(b_rep.numel(), device=dev) - first[b_rep]
+    key, _ = torch.sort(m_rep * counts.numel() + b_rep)  # order by (query block, kv block)
+    block_idx = (key % counts.numel()).to(torch.int32)
+    block_ptr = torch.zeros(n_m + 1, dtype=torch.int32, device=dev)
+    block_ptr[1:] = torch.cumsum(torch.bincount(key // counts.numel(), minlength=n_m), 0).to(torch.int32)
+    return TreeAttentionPlan(ve, block_ptr, block_idx, block_m, block_n)
+
+
+def _tree_attention_fwd(q, k, v, plan: TreeAttentionPlan, scale: float):
+    """Launch the Triton kernel. q [U, Hq, D], k/v [U, Hkv, D]; returns (out [U, Hq, D], lse [U, Hq] fp32)."""
+    u, hq, d = q.shape
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((u, hq), dtype=torch.float32, device=q.device)
+    if u == 0:
+        return out, lse
+    interp = _interpreting()
+    grid = (plan.block_ptr.numel() - 1, hq)
+    _tree_attention_fwd_kernel[grid](
+        q, k, v, plan.visible_end, plan.block_ptr, plan.block_idx, out, lse,
+        u, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        UPCAST_DOT=interp and q.dtype != torch.float32,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 is the test dtype: no TF32 rounding
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )  # fmt: skip
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.library registration
+# ---------------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("credit::tree_attention", mutates_args=())
+def _tree_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible_end: torch.Tensor,
+    block_ptr: torch.Tensor,
+    block_idx: torch.Tensor,
+    scale: float,
+    block_m: int,
+    block_n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    plan = TreeAttentionPlan(visible_end, block_ptr, block_idx, block_m, block_n)
+    if q.device.type == "cpu" and not _interpreting():  # CPU tensors run the reference, unless interpreting
+        out, lse = tree_attention_ref(q, k, v, visible_end, scale=scale)
+        return out, lse
+    return _tree_attention_fwd(q, k, v, plan, scale)
+
+
+@_tree_attention_op.register_fake
+def _(q, k, v, visible_end, block_ptr, block_idx, scale, block_m, block_n):
+    torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3, lambda: "tree_attention: q, k, v must be 3-D")
+    torch._check(k.shape[0] == q.shape[0] and visible_end.shape[0] == q.shape[0], lambda: "tree_attention: U differs")
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # as the launcher allocates it
+    return out, q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
+
+
+def _no_backward(ctx, grad_out, grad_lse):
+    raise NotImplementedError(
+        "tree_attention: the Triton/op path is forward-only for now (teacher scoring needs no gradient); "
+        "call tree_attention(..., backend='torch') or backend='flex' to differentiate"
+    )
+
+
+_tree_attention_op.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference and FlexAttention paths
+# ---------------------------------------------------------------------------------------------------------------------
+def tree_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible_end: torch.Tensor,
+    *,
+    scale: float | None = None,
+    upcast: bool = True,
+    chunk_rows: int | None = None,
+) -> TreeAttentionOutput:
+    """Dense-mask tree attention, chunked over query rows (never more than a chunk x U scores).
+
+    Args:
+        q: [U, Hq, D] any float dtype; k, v: [U, Hkv, D], same dtype, Hq % Hkv == 0.
+        visible_end: [U] integer; key j is visible to query i iff j <= i < visible_end[j].
+        scale: softmax scale, default D ** -0.5.
+        upcast: compute in fp32 (fp64 stays fp64) instead of the input dtype.
+        chunk_rows: query rows per chunk; default keeps about 64M scores per chunk.
+
+    Returns:
+        out [U, Hq, D] in q's dtype, lse [U, Hq] fp32 (fp64 for fp64 input). Differentiable through
+        autograd (which then keeps every chunk's probabilities: tests only).
+    """
+    u, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    cdt = torch.float64 if q.dtype == torch.float64 else (torch.float32 if upcast else q.dtype)
+    lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    c = chunk_rows if chunk_rows is not None else max(1, min(4096, (64 << 20) // max(1, hq * u)))
+    ve = visible_end.to(device=q.device, dtype=torch.int64)
+    kc = k.to(cdt).transpose(0, 1)  # [Hkv, U, D]
+    vc = v.to(cdt).transpose(0, 1)
+    outs, lses = [], []
+    for a in range(0, u, c):
+        b = min(u, a + c)
+        n = b - a
+        # keys beyond the chunk's last row are never visible (j <= i), so only [0, b) is scored
+        qc = q[a:b].to(cdt).transpose(0, 1).reshape(hkv, group * n, d)  # heads h = kv * group + g
+        s = (qc @ kc[:, :b].transpose(1, 2)).view(hkv, group, n, b) * scale
+        i = torch.arange(a, b, device=q.device)[:, None]
+        j = torch.arange(b, device=q.device)[None, :]
+        visible = (j <= i) & (i < ve[None, :b])
+        s = s.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)  # [Hkv, G, n]
+        p = torch.exp(s - lse[..., None])
+        o = (p.view(hkv, group * n, b) @ vc[:, :b]).view(hq, n, d)
+        outs.append(o.transpose(0, 1).to(q.dtype))
+        lses.append(lse.reshape(hq, n).transpose(0, 1).to(lse_dt))
+    if not outs:
+        return TreeAttentionOutput(torch.empty_like(q), q.new_empty((0, hq), dtype=lse_dt))
+    return TreeAttentionOutput(torch.cat(outs), torch.cat(lses))
+
+
+FLEX_BLOCK = 128  # flex_attention's default tile
+_flex_compiled = None
+
+
+def _flex_block_mask(visible_end: torch.Tensor, block: int = FLEX_BLOCK):
+    """A flex BlockMask from visible_end: partial tiles run mask_mod, full tiles skip it."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    u = visible_end.numel()
+    dev = visible_end.device
+    ve = visible_end.to(torch.int64)
+    n = -(-u // block)
+    lo, hi = _block_ranges(ve, block, block)
+    m = torch.arange(n, device=dev)[:, None]  # query block
+    needed = (m >= lo[None, :]) & (m <= hi[None, :])  # [n_q, n_kv]
+    # full tile: every key precedes every query and stays visible past the query block's last row
+    padded = torch.nn.functional.pad(ve, (0, n * block - u), value=u + 1)
+    min_ve = padded.view(n, block).amin(1)
+    b_last = torch.clamp(torch.arange(n, device=dev) * block + block - 1, max=u - 1)
+    m0 = torch.arange(n, device=dev) * block
+    m1 = torch.clamp(m0 + block, max=u)
+    full = (b_last[None, :] <= m0[:, None]) & (min_ve[None, :] >= m1[:, None])
+    partial = needed & ~full
+
+    def csr(bits):
+        num = bits.sum(-1).to(torch.int32)
+        idx = torch.argsort((~bits).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # set bits first
+        return num[None, None], idx[None, None]
+
+    last = u - 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        # flex may call this on padded indices past U; clamp the gather, padded rows are dropped anyway
+        return (kv_idx <= q_idx) & (q_idx < ve[torch.clamp(kv_idx, max=last)])
+
+    kv_num, kv_idx = csr(partial)
+    full_num, full_idx = csr(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(u, u))
+
+
+def _tree_attention_flex(q, k, v, visible_end, scale, block_mask=None):
+    """FlexAttention path; `block_mask` from `_flex_block_mask` may be reused across layers."""
+    global _flex_compiled
+    from torch.nn.attention import flex_attention as fa
+
+    if block_mask is None:
+        block_mask = _flex_block_mask(visible_end)
+    qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, U, D]
+    kw = dict(block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    if hasattr(fa, "AuxRequest"):
+        kw["return_aux"] = fa.AuxRequest(lse=True)
+    else:  # torch < 2.9
+        kw["return_lse"] = True
+    if q.is_cuda:  # eager flex materialises the full score matrix; the compiled one is the fused kernel
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(fa.flex_attention)
+        out, aux = _flex_compiled(qt, kt, vt, **kw)
+    else:  # inductor's CPU flex has no lse (torch 2.13): run eager, unfused, and say nothing about it
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            out, aux = fa.flex_attention(qt, kt, vt, **kw)
+    lse = aux.lse if hasattr(aux, "lse") else aux
+    return TreeAttentionOutput(out[0].transpose(0, 1), lse[0].transpose(0, 1).float())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------------
+def _visible_end_of(tree) -> torch.Tensor:
+    ve = getattr(tree, "visible_end", None)
+    if not isinstance(ve, torch.Tensor):
+        raise TypeError(f"tree_attention: tree must be a PrefixTrie or have a `visible_end` tensor; got {type(tree)}")
+    if ve.dim() != 1 or ve.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"tree_attention: tree.visible_end must be a 1-D int32/int64 tensor; got {ve.dtype} "
+                         f"of shape {tuple(ve.shape)}")
+    return ve
+
+
+def _check_visible_end_values(ve: torch.Tensor) -> None:
+    if ve.numel() == 0:
+        return
+    rows = torch.arange(ve.numel(), device=ve.device)
+    bad = (ve <= rows) | (ve > ve.numel())
+    if bool(bad.any()):  # one device sync
+        j = int(bad.nonzero()[0])
+        raise ValueError(f"tree_attention: tree.visible_end[j] must satisfy j < visible_end[j] <= U = "
+                         f"{ve.numel()}; got visible_end[{j}] = {int(ve[j])}")
+
+
+def tree_attention_plan(
+    tree, *, device: torch.device | str | None = None, check_inputs: bool = True
+) -> TreeAttentionPlan:
+    """Precompute the Triton path's block lists for `tree` (a PrefixTrie or anything with `visible_end`).
+
+    A model calls tree_attention once per layer on the same trie: pass the plan as `tree` to build
+    the lists (one host sync) once instead of per layer.
+
+    Args:
+        tree: PrefixTrie (CPU tensors) or any object with `visible_end` [U] int32/int64.
+        device: where the kernel will run (e.g. "cuda"); default visible_end's device.
+        check_inputs: validate visible_end's values (one device sync).
+
+    Returns:
+        TreeAttentionPlan with visible_end [U] int32 and the CSR block lists, on visible_end's device.
+    """
+    if isinstance(tree, TreeAttentionPlan):
+        return tree
+    ve = _visible_end_of(tree)
+    if device is not None:
+        ve = ve.to(device)
+    if check_inputs:
+        _check_visible_end_values(ve)
+    return _build_plan(ve, BLOCK_M, BLOCK_N)
+
+
+def _check(q, k, v, ve, backend):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"tree_attention: {name} must be a torch.Tensor; got {type(x)}")
+        if x.dim() != 3:
+            raise ValueError(f"tree_attention: {name} must be 3-D [U, heads, D]; got shape {tuple(x.shape)}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"tree_attention: {name} must be bf16/fp16/fp32; got {x.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"tree_attention: k and v must have q's dtype {q.dtype}; got k {k.dtype}, v {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"tree_attention: v must have k's shape {tuple(k.shape)}; got {tuple(v.shape)}")
+    u, hq, d = q.shape
+    if k.shape[0] != u or k.shape[2] != d:
+        raise ValueError(f"tree_attention: k must have shape [U, Hkv, D] = [{u}, Hkv, {d}] matching q; "
+                         f"got {tuple(k.shape)}")
+    if k.shape[1] == 0 or hq % k.shape[1] != 0:
+        raise ValueError(f"tree_attention: q's heads must be a multiple of k's heads (GQA); got Hq={hq}, "
+                         f"Hkv={k.shape[1]}")
+    if ve.shape[0] != u:
+        raise ValueError(f"tree_attention: tree.visible_end must have U = {u} rows (q.shape[0]); got {ve.shape[0]}")
+    if len({q.device, k.device, v.device, ve.device}) != 1:
+        raise ValueError(f"tree_attention: q, k, v and tree.visible_end must share a device; got q {q.device}, "
+                         f"k {k.device}, v {v.device}, visible_end {ve.device}")
+    if backend == "triton":
+        if q.device.type == "cpu" and not _interpreting():
+            raise ValueError("tree_attention: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                             "triton is imported to run on CPU; got CPU tensors. Use backend='torch' on CPU.")
+        if not HAS_TRITON:
+            raise ValueError("tree_attention: backend='triton' needs the triton package, which is not installed")
+        if q.is_cuda and d not in GPU_HEAD_DIMS:
+            raise ValueError(f"tree_attention: backend='triton' supports head dim D in {GPU_HEAD_DIMS} on GPU; got "
+                             f"D={d}. Use backend='flex' or 'torch'.")
+        if d < 16 or d & (d - 1):
+            raise ValueError(f"tree_attention: backend='triton' needs a power-of-2 head dim >= 16; got D={d}")
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tree,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> TreeAttentionOutput:
+    """Attention over a prefix trie's packed tokens: causal within a node, full over ancestor nodes.
+
+    Args:
+        q: [U, Hq, D] bf16/fp16/fp32, packed in the trie's row order.
+        k, v: [U, Hkv, D], q's dtype and device; Hq % Hkv == 0 (GQA: query head h reads KV head
+            h // (Hq / Hkv)).
+        tree: a PrefixTrie, a TreeAttentionPlan (from `tree_attention_plan`, to reuse block lists
+            across layers), or any object with `visible_end` [U] int32/int64. A CPU visible_end is
+            copied to q's device (once per call: prefer a plan on the device in a model's layers).
+        scale: softmax scale, default D ** -0.5.
+        backend: "auto" (CUDA: "triton" for D in {64, 128}, else "flex"; CPU: "torch"), "triton"
+            (CUDA, or CPU under TRITON_INTERPRET=1), "flex" (FlexAttention), "torch" (reference).
+        check_inputs: validate visible_end's values (one device sync); False for hot loops.
+
+    Returns:
+        TreeAttentionOutput(out [U, Hq, D] in q's dtype, lse [U, Hq] fp32 natural-log logsumexp of
+        the scaled scores).
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"tree_attention: backend must be one of {_BACKENDS}; got {backend!r}")
+    ve = _visible_end_of(tree)
+    on_cuda = isinstance(q, torch.Tensor) and q.is_cuda
+    if isinstance(tree, TreeAttentionPlan) and on_cuda and not tree.block_ptr.is_cuda:
+        raise ValueError("tree_attention: the TreeAttentionPlan lives on the CPU but q is on CUDA; build it with "
+                         "tree_attention_plan(trie, device=q.device)")
+    if on_cuda and ve.device.type == "cpu":  # PrefixTrie is built on the host
+        ve = ve.to(q.device, non_blocking=True)
+    if backend == "auto":
+        if on_cuda:
+            backend = "triton" if q.shape[-1] in GPU_HEAD_DIMS else "flex"
+        else:
+            backend = "torch"
+    _check(q, k, v, ve, backend)
+    if check_inputs and not isinstance(tree, TreeAttentionPlan):  # a plan was checked when it was built
+        _check_visible_end_values(ve)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "torch":
+        return tree_attention_ref(q, k, v, ve, scale=scale)
+    if backend == "flex":
+        if q.shape[0] == 0:
+            return TreeAttentionOutput(torch.empty_like(q), q.new_empty((0, q.shape[1]), dtype=torch.float32))
+        return _tree_attention_flex(q, k, v, ve, scale)
+    plan = tree if isinstance(tree, TreeAttentionPlan) else _build_plan(ve, BLOCK_M, BLOCK_N)
+    out, lse = _tree_attention_op(q, k, v, plan.visible_end, plan.block_ptr, plan.block_idx, scale,
+                                  plan.block_m, plan.block_n)
+    return TreeAttentionOutput(out, lse)
