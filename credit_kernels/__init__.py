@@ -1,6 +1,7 @@
 """Fused kernels for CREDIT teacher scoring and updates (see the README and ../shared/DESIGN.md)."""
 
 from credit_kernels._ext import HAS_EXT, HAS_EXT_CUDA
+from credit_kernels.credit_reward import CreditReward, credit_reward
 from credit_kernels.linear_logprob import linear_logprob
 from credit_kernels.prefix_trie import PrefixTrie, build_prefix_trie, gather_sequence_rows, trie_stats
 from credit_kernels.reference import linear_logprob_ref
@@ -15,10 +16,12 @@ from credit_kernels.tree_attention import (
 __all__ = [
     "HAS_EXT",
     "HAS_EXT_CUDA",
+    "CreditReward",
     "PrefixTrie",
     "TreeAttentionOutput",
     "TreeAttentionPlan",
     "build_prefix_trie",
+    "credit_reward",
     "gather_sequence_rows",
     "linear_logprob",
     "linear_logprob_ref",
