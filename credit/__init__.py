@@ -13,6 +13,7 @@ from credit.losses import (
 )
 from credit.pairing import partners
 from credit.rewards import SequencePMI, credit_rewards, sdpo_rewards, sequence_pmi
+from credit.scorer import TeacherScorer, TeacherScores, TeacherTopk
 from credit.templates import (
     DEFAULT_TEMPLATE,
     FeedbackSelection,
@@ -31,7 +32,10 @@ __all__ = [
     "FeedbackSelection",
     "SequencePMI",
     "TeacherPairs",
+    "TeacherScorer",
+    "TeacherScores",
     "TeacherTemplate",
+    "TeacherTopk",
     "TopkDivergence",
     "build_teacher_context",
     "build_teacher_pairs",
