@@ -137,3 +137,127 @@ def linear_logprob_bwd_ref(
         None if d_hidden is None else d_hidden.to(hidden.dtype),
         None if d_weight is None else d_weight.to(weight.dtype),
     )
+
+
+def _topk_smallest_id_first(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids [R, k] of the k largest logits per row, by value descending, equal values by smaller id first.
+
+    torch.topk leaves the order among equal values unspecified: rows whose k + 1 largest values hold
+    no tie take its answer; the others are recomputed exactly.
+    """
+    # NaN ranks last (its row's lse is NaN anyway, which the op reports); keeps exactly k per row
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    vals, idx = logits.topk(min(k + 1, logits.shape[-1]), dim=-1)
+    tied = (vals[:, 1:] == vals[:, :-1]).any(dim=-1)
+    ids = idx[:, :k].clone()
+    if bool(tied.any()):
+        ids[tied] = _topk_ties_exact(logits[tied], k)
+    return ids
+
+
+def _topk_ties_exact(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """_topk_smallest_id_first for rows with ties: topk only fixes the k-th largest value; the ids come
+    from an exact count: everything above it, then the smallest ids equal to it."""
+    kth = logits.topk(k, dim=-1, sorted=False).values.min(dim=-1, keepdim=True).values
+    above = logits > kth
+    at = logits == kth  # -0.0 == +0.0, as in the kernels
+    need = k - above.sum(dim=-1, keepdim=True)
+    take = above | (at & (at.cumsum(dim=-1, dtype=torch.int32) <= need))
+    ids = take.nonzero()[:, 1].view(logits.shape[0], k)  # ascending ids, exactly k per row
+    order = logits.gather(-1, ids).sort(dim=-1, descending=True, stable=True).indices
+    return ids.gather(-1, order)
+
+
+def linear_topk_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    upcast: bool = True,
+    chunk_rows: int | None = None,
+):
+    """The k most likely tokens of softmax(hidden @ weight.T / temperature), chunked over rows.
+
+    Ties: equal logits are ranked by the smaller token id first (as every backend of `linear_topk`).
+
+    Args:
+        hidden: [N, d] (any float dtype).
+        weight: [V, d], same dtype; 1 <= k <= V.
+        upcast: compute in fp32 (fp64 stays fp64) instead of the input dtype.
+
+    Returns:
+        (ids [N, k] int64, logp [N, k], lse [N]), logp and lse fp32 (fp64 for fp64 input); logp sorted
+        descending per row. Differentiable through autograd (tests only: it keeps every chunk's logits).
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    compute_dtype = torch.float64 if hidden.dtype == torch.float64 else (torch.float32 if upcast else hidden.dtype)
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    w = weight.to(compute_dtype)
+    ids, logps, lses = [], [], []
+    step = _row_chunk(n, vocab, chunk_rows)
+    for start in range(0, n, step):
+        logits = (hidden[start : start + step].to(compute_dtype) @ w.T) / temperature
+        logits = logits.to(out_dtype)
+        lse = torch.logsumexp(logits, dim=-1)
+        top = _topk_smallest_id_first(logits.detach(), k)
+        ids.append(top)
+        logps.append(logits.gather(-1, top) - lse[:, None])
+        lses.append(lse)
+    if not ids:
+        return (hidden.new_zeros((0, k), dtype=torch.long), hidden.new_zeros((0, k), dtype=out_dtype),
+                hidden.new_zeros((0,), dtype=out_dtype))
+    return torch.cat(ids), torch.cat(logps), torch.cat(lses)
+
+
+def linear_gather_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    tail: bool = True,
+    return_lse: bool = False,
+    upcast: bool = True,
+    chunk_rows: int | None = None,
+):
+    """log softmax(hidden @ weight.T / temperature) at `ids`, plus the tail bucket, chunked over rows.
+
+    The tail is log(1 - sum of p over the distinct ids of the row), computed as logsumexp over the
+    vocabulary entries NOT in the row's ids minus the row's logsumexp (no cancellation when the gathered
+    mass is ~1). Ids repeated within a row are gathered at each position and counted once in the tail;
+    when a row's ids cover the whole vocabulary its tail is -inf (and autograd through it gives NaN: the
+    op defines that gradient as 0).
+
+    Args:
+        hidden: [N, d] (any float dtype).
+        weight: [V, d], same dtype.
+        ids: [N, k] int64 in [0, V).
+        upcast: compute in fp32 (fp64 stays fp64) instead of the input dtype.
+
+    Returns:
+        (logp [N, k], tail [N] or None when tail=False), fp32 (fp64 for fp64 input); with return_lse,
+        (logp, tail, lse [N]).
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    compute_dtype = torch.float64 if hidden.dtype == torch.float64 else (torch.float32 if upcast else hidden.dtype)
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    w = weight.to(compute_dtype)
+    logps, tails, lses = [], [], []
+    step = _row_chunk(n, vocab, chunk_rows)
+    for start in range(0, n, step):
+        logits = (hidden[start : start + step].to(compute_dtype) @ w.T) / temperature
+        logits = logits.to(out_dtype)
+        lse = torch.logsumexp(logits, dim=-1)
+        rows_ids = ids[start : start + step]
+        logps.append(logits.gather(-1, rows_ids) - lse[:, None])
+        lses.append(lse)
+        if tail:
+            gathered = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, rows_ids, True)
+            tails.append(torch.logsumexp(logits.masked_fill(gathered, float("-inf")), dim=-1) - lse)
+    empty = hidden.new_zeros((0,), dtype=out_dtype)
+    logp = torch.cat(logps) if logps else hidden.new_zeros(ids.shape, dtype=out_dtype)
+    tails_out = (torch.cat(tails) if tails else empty) if tail else None
+    if return_lse:
+        return logp, tails_out, torch.cat(lses) if lses else empty
+    return logp, tails_out
