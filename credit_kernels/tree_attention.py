@@ -270,7 +270,7 @@ def tree_attention_ref(
     upcast: bool = True,
     chunk_rows: int | None = None,
 ) -> TreeAttentionOutput:
-    """Dense-mask tree attention, chunked over query rows (never more than a chunk x U scores).
+    """Masked tree attention in PyTorch, chunked over query rows; each chunk scores only its visible keys.
 
     Args:
         q: [U, Hq, D] any float dtype; k, v: [U, Hkv, D], same dtype, Hq % Hkv == 0.
@@ -289,7 +289,9 @@ def tree_attention_ref(
     scale = d**-0.5 if scale is None else scale
     cdt = torch.float64 if q.dtype == torch.float64 else (torch.float32 if upcast else q.dtype)
     lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    c = chunk_rows if chunk_rows is not None else max(1, min(4096, (64 << 20) // max(1, hq * u)))
+    # Small query chunks keep the work near the attended pairs: a chunk only scores the keys visible to at
+    # least one of its rows (its ancestors' rows and its own), not the whole prefix of the packed buffer.
+    c = chunk_rows if chunk_rows is not None else max(1, min(256, (64 << 20) // max(1, hq * u)))
     ve = visible_end.to(device=q.device, dtype=torch.int64)
     kc = k.to(cdt).transpose(0, 1)  # [Hkv, U, D]
     vc = v.to(cdt).transpose(0, 1)
@@ -297,16 +299,17 @@ def tree_attention_ref(
     for a in range(0, u, c):
         b = min(u, a + c)
         n = b - a
-        # keys beyond the chunk's last row are never visible (j <= i), so only [0, b) is scored
+        # key j is visible to some row i in [a, b) iff j < b and visible_end[j] > a (j <= i < visible_end[j])
+        keys = torch.nonzero(ve[:b] > a).squeeze(1)
         qc = q[a:b].to(cdt).transpose(0, 1).reshape(hkv, group * n, d)  # heads h = kv * group + g
-        s = (qc @ kc[:, :b].transpose(1, 2)).view(hkv, group, n, b) * scale
+        s = (qc @ kc[:, keys].transpose(1, 2)).view(hkv, group, n, keys.numel()) * scale
         i = torch.arange(a, b, device=q.device)[:, None]
-        j = torch.arange(b, device=q.device)[None, :]
-        visible = (j <= i) & (i < ve[None, :b])
+        j = keys[None, :]
+        visible = (j <= i) & (i < ve[keys][None, :])
         s = s.masked_fill(~visible, float("-inf"))
         lse = torch.logsumexp(s, dim=-1)  # [Hkv, G, n]
         p = torch.exp(s - lse[..., None])
-        o = (p.view(hkv, group * n, b) @ vc[:, :b]).view(hq, n, d)
+        o = (p.view(hkv, group * n, keys.numel()) @ vc[:, keys]).view(hq, n, d)
         outs.append(o.transpose(0, 1).to(q.dtype))
         lses.append(lse.reshape(hq, n).transpose(0, 1).to(lse_dt))
     if not outs:
