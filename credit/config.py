@@ -120,6 +120,9 @@ class TrainConfig:
                 f"TrainConfig: num_partners ({self.num_partners}) must be <= prompts_per_step - 1 "
                 f"({self.prompts_per_step - 1})"
             )
+        if self.level == "topk" and self.mu > 0:
+            raise ValueError("TrainConfig: mu > 0 mixes outcome advantages into the token-level policy gradient; "
+                             "use it with level='token'")
         if self.method == "grpo" and self.level == "topk":
             raise ValueError("TrainConfig: level='topk' is a distillation loss; it needs method sdpo or credit")
         if self.logger not in ("jsonl", "wandb"):

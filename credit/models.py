@@ -102,6 +102,22 @@ def load_model(name: str, *, device: torch.device, dtype: torch.dtype):
     return model.to(device), tokenizer
 
 
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L, d] final hidden states (after the last norm) of a padded batch; no [B, L, V] logits."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False).last_hidden_state
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """[V, d] LM head weight; heads that are not a plain projection are refused (the fused ops assume one)."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(f"{type(model).__name__}: LM heads with a bias or logit softcapping are not supported yet")
+    return head.weight
+
+
 def response_logprobs(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0
 ) -> torch.Tensor:
@@ -113,14 +129,8 @@ def response_logprobs(
     Returns:
         [B, L] fp32 log-probs, 0 at ignored positions; differentiable w.r.t. the model's parameters.
     """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=False).last_hidden_state
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None):
-        raise ValueError(f"{type(model).__name__}: LM heads with a bias or logit softcapping are not supported yet")
+    hidden = hidden_states(model, input_ids, attention_mask)
     keep = targets != -100
     logp = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-    rows = linear_logprob(hidden[keep], head.weight.to(hidden.dtype), targets[keep], temperature=temperature)
+    rows = linear_logprob(hidden[keep], lm_head_weight(model).to(hidden.dtype), targets[keep], temperature=temperature)
     return logp.masked_scatter(keep, rows)

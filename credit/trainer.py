@@ -27,13 +27,19 @@ from credit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from credit.config import TrainConfig, patch_missing_config_keys
 from credit.envs import get_task, load_jsonl
 from credit.logger import RunLogger, plot_curves
-from credit.losses import grpo_advantages, mix_advantages, policy_gradient_loss
-from credit.models import load_model, resolve_device, resolve_dtype, response_logprobs
+from credit.losses import (
+    contrastive_teacher_topk,
+    grpo_advantages,
+    mix_advantages,
+    policy_gradient_loss,
+    topk_divergence,
+)
+from credit.models import hidden_states, lm_head_weight, load_model, resolve_device, resolve_dtype
 from credit.pairing import partners as draw_partners
 from credit.rewards import sdpo_rewards
 from credit.scorer import TeacherScorer
 from credit.templates import build_teacher_pairs, select_feedback
-from credit_kernels import credit_reward
+from credit_kernels import credit_reward, linear_gather, linear_logprob, linear_topk
 
 # ---------------------------------------------------------------------------------------------
 # data
@@ -210,42 +216,64 @@ def _sequences(batch: Batch, idx: list[int], device):
     return ids, attn, targets, width
 
 
-def student_logprobs(model, batch: Batch, idx: list[int], device) -> torch.Tensor:
-    """[len(idx), T] student log-probs of the response tokens (with grad when enabled)."""
-    ids, attn, targets, width = _sequences(batch, idx, device)
-    logp = response_logprobs(model, ids, attn, targets)
-    out = torch.zeros((len(idx), width), dtype=torch.float32, device=device)
-    for r, i in enumerate(idx):
-        n = len(batch.responses[i])
-        if n:
-            out[r, :n] = logp[r, ids.shape[1] - n - 1: ids.shape[1] - 1]
+def _response_rows(model, batch: Batch, idx: list[int], device):
+    """Hidden states at the positions that predict response tokens, in (response, token) order, and the targets.
+
+    Left padding puts every response at the end of its row, so a row-major boolean gather yields response r's
+    tokens in order, responses in the order of idx.
+    """
+    ids, attn, targets, _ = _sequences(batch, idx, device)
+    hidden = hidden_states(model, ids, attn)
+    keep = targets != -100
+    return hidden[keep], targets[keep]
+
+
+def _to_padded(rows: torch.Tensor, lengths: list[int], width: int) -> torch.Tensor:
+    """[sum(lengths), ...] rows in (response, token) order -> [len(lengths), width, ...], zeros beyond each length."""
+    out = rows.new_zeros((len(lengths), width, *rows.shape[1:]))
+    keep = torch.arange(width, device=rows.device)[None, :] < torch.tensor(lengths, device=rows.device)[:, None]
+    out[keep] = rows
     return out
 
 
-def update(model, optimizer, cfg: TrainConfig, batch: Batch, advantage_fn) -> dict:
-    """Token-mean policy gradient over the whole batch, in micro-batches; one optimizer step.
+def student_logprobs(model, batch: Batch, idx: list[int], device) -> torch.Tensor:
+    """[len(idx), T] student log-probs of the response tokens (with grad when enabled)."""
+    rows, targets = _response_rows(model, batch, idx, device)
+    logp = linear_logprob(rows, lm_head_weight(model).to(rows.dtype), targets)
+    return _to_padded(logp, [len(batch.responses[i]) for i in idx], batch.response_mask.shape[1])
 
-    advantage_fn(idx, s_detached) -> (A [n, T], mask [n, T]) for the micro-batch's responses.
+
+def update(model, optimizer, cfg: TrainConfig, batch: Batch, micro_loss, total_tokens) -> dict:
+    """One optimizer step on the token mean over the whole batch, accumulated over micro-batches.
+
+    micro_loss(idx) -> (token-mean loss of those responses, its number of tokens); total_tokens = the batch's.
     """
-    device = next(model.parameters()).device
     num = len(batch.responses)
-    total_tokens = batch.response_mask.sum().clamp(min=1.0)
     optimizer.zero_grad(set_to_none=True)
     model.train()
     loss_sum = 0.0
     for start in range(0, num, cfg.micro_batch):
         idx = list(range(start, min(num, start + cfg.micro_batch)))
-        s = student_logprobs(model, batch, idx, device)
-        adv, mask = advantage_fn(idx, s.detach())
-        if mask.sum() == 0:
+        loss, n_tokens = micro_loss(idx)
+        if n_tokens == 0:
             continue
-        # policy_gradient_loss is a token mean; reweight so the step is the mean over the whole batch
-        loss = policy_gradient_loss(s, adv, mask, is_clip=cfg.is_clip) * (mask.sum() / total_tokens)
+        loss = loss * (n_tokens / max(total_tokens, 1.0))  # micro token mean -> batch token mean
         loss.backward()
         loss_sum += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e30)
     optimizer.step()
     return {"train/loss": loss_sum, "train/grad_norm": float(grad_norm)}
+
+
+def pg_loss_fn(model, cfg: TrainConfig, batch: Batch, advantage_fn, device):
+    """micro_loss for token-level methods: the policy gradient with advantage_fn(idx, s) -> (A, mask)."""
+
+    def micro_loss(idx):
+        s = student_logprobs(model, batch, idx, device)
+        adv, mask = advantage_fn(idx, s.detach())
+        return policy_gradient_loss(s, adv, mask, is_clip=cfg.is_clip), float(mask.sum())
+
+    return micro_loss
 
 
 @torch.no_grad()
@@ -285,19 +313,67 @@ def rollout(cfg: TrainConfig, step: int, student, tokenizer, env, train: list[di
     return batch, records, times
 
 
-def teacher_pass(cfg: TrainConfig, step: int, batch: Batch, records, env, tokenizer, scorer, device):
-    """Feedback, aligned + shuffled teacher contexts, and teacher log-probs a [B, T], b [M, B, T]."""
+def teacher_pairs(cfg: TrainConfig, step: int, batch: Batch, records, env, tokenizer):
+    """Feedback (a successful sibling and/or the environment's text) and the aligned + shuffled teacher pairs."""
     sel = select_feedback(batch.group_ids, batch.success, batch.texts, batch.feedback, seed=cfg.seed * 31 + step)
     part = None
     if cfg.method == "credit":
         part = draw_partners(batch.group_ids, cfg.num_partners, seed=cfg.seed * 17 + step)
     g = cfg.rollouts_per_prompt
     messages = [[{"role": "user", "content": env.make_prompt(records[i // g])}] for i in range(len(batch.texts))]
-    pairs = build_teacher_pairs(tokenizer, messages, batch.group_ids, batch.responses, sel.solutions, sel.feedbacks,
-                                part, swap=cfg.swap)
-    width = batch.response_mask.shape[1]
-    a, b = teacher_logprobs(scorer, pairs, len(batch.responses), width, device)
-    return a, b, torch.tensor(pairs.mask, dtype=torch.bool, device=device)
+    return build_teacher_pairs(tokenizer, messages, batch.group_ids, batch.responses, sel.solutions, sel.feedbacks,
+                               part, swap=cfg.swap)
+
+
+def topk_loss_fn(cfg: TrainConfig, student, batch: Batch, pairs, scorer, teacher_mask, device):
+    """micro_loss for --level topk: a divergence between the student and the (contrastive) teacher over the
+    student's top-k ids + tail at every response position (CREDIT.md, "Logit-level variant")."""
+    lengths = [len(r) for r in batch.responses]
+    weight = lm_head_weight(student)
+    ids = []
+    with torch.no_grad():  # 1. the student's top-k ids, (response, token) order
+        for start in range(0, len(lengths), cfg.micro_batch):
+            rows, _ = _response_rows(student, batch, list(range(start, min(len(lengths), start + cfg.micro_batch))),
+                                     device)
+            ids.append(linear_topk(rows, weight.to(rows.dtype), cfg.topk).ids)
+    ids = torch.cat(ids)
+    per_response = list(ids.split(lengths))
+    # 2. the teacher's log-probs (+ tail) at those ids, aligned and shuffled pairs in one trie
+    groups = [pairs.pairs_aligned, *pairs.pairs_shuffled]
+    flat = [p for grp in groups for p in grp]
+    scored = scorer.score_topk(pairs.contexts, pairs.responses_ids, flat, [per_response[i] for i, _ in flat])
+    offsets = [0] + list(torch.tensor(lengths).cumsum(0).tolist())
+    tables, k = [], 0
+    for grp in groups:
+        logp = torch.zeros((offsets[-1], cfg.topk), device=device)
+        tail = torch.zeros((offsets[-1],), device=device)
+        for i, _ in grp:
+            logp[offsets[i]:offsets[i + 1]] = scored.logp[k].to(device)
+            tail[offsets[i]:offsets[i + 1]] = scored.tail[k].to(device)
+            k += 1
+        tables.append((logp, tail))
+    keep_rows = teacher_mask.repeat_interleave(torch.tensor(lengths, device=device))
+
+    def micro_loss(idx):
+        sel = slice(offsets[idx[0]], offsets[idx[-1] + 1])
+        keep = keep_rows[sel]
+        if not keep.any():
+            return None, 0.0
+        rows, _ = _response_rows(student, batch, idx, device)
+        s = linear_gather(rows[keep], weight.to(rows.dtype), ids[sel][keep], tail=True)
+        t_logp, t_tail = tables[0][0][sel][keep], tables[0][1][sel][keep]
+        if cfg.method == "credit":  # log T~ = log T + lam (s - beta), renormalised
+            ct = contrastive_teacher_topk(
+                t_logp, torch.stack([b[0][sel][keep] for b in tables[1:]]), s.logp.detach(), lam=cfg.lam,
+                baseline=cfg.baseline, teacher_tail=t_tail, shuffled_tail=torch.stack([b[1][sel][keep] for b in tables[1:]]),
+                student_tail=s.tail.detach(),
+            )
+            t_logp, t_tail = ct.topk_logp, ct.tail_logp
+        div = topk_divergence(s.logp, t_logp, torch.ones_like(keep[keep]), alpha=cfg.alpha, student_tail=s.tail,
+                              teacher_tail=t_tail)
+        return div.loss, float(keep.sum())
+
+    return micro_loss, float(keep_rows.sum())
 
 
 def train_step(cfg: TrainConfig, step: int, student, tokenizer, env, train, scorer, optimizer) -> dict:
@@ -311,29 +387,36 @@ def train_step(cfg: TrainConfig, step: int, student, tokenizer, env, train, scor
                "train/response_len": batch.response_mask.sum(1).mean().item()}
     if hasattr(env, "uses_shortcut"):  # the planted input-generic shortcut of largest_shortcut
         metrics["task/shortcut_rate"] = sum(map(env.uses_shortcut, batch.texts)) / len(batch.texts)
+    rewards = None
     if cfg.method == "grpo":
-        def advantage_fn(idx, s):
-            mask = batch.response_mask[idx]
-            return grpo[idx, None] * mask, mask
+        mask = batch.response_mask
+        micro_loss = pg_loss_fn(student, cfg, batch, lambda idx, s: (grpo[idx, None] * mask[idx], mask[idx]), device)
+        total = float(mask.sum())
         t2 = time.perf_counter()
     else:
-        a, b, teacher_mask = teacher_pass(cfg, step, batch, records, env, tokenizer, scorer, device)
+        pairs = teacher_pairs(cfg, step, batch, records, env, tokenizer)
+        teacher_mask = torch.tensor(pairs.mask, dtype=torch.bool, device=device)
+        if cfg.level == "topk":
+            micro_loss, total = topk_loss_fn(cfg, student, batch, pairs, scorer, teacher_mask, device)
+        else:
+            a, b = teacher_logprobs(scorer, pairs, len(batch.responses), batch.response_mask.shape[1], device)
+            s_seen = torch.zeros_like(batch.response_mask)
+            advantage_fn, loss_mask = _distill_advantages(cfg, student, batch, a, b, teacher_mask, grpo, s_seen)
+            micro_loss, total = pg_loss_fn(student, cfg, batch, advantage_fn, device), float(loss_mask.sum())
+            rewards = (a, b, s_seen, teacher_mask)
         t2 = time.perf_counter()
         metrics["teacher/mask_frac"] = teacher_mask.float().mean().item()
         metrics["scorer/unique_ratio"] = scorer.last_unique_tokens / max(1, scorer.last_total_tokens)
-        s_seen = torch.zeros_like(batch.response_mask)
-        advantage_fn = _distill_advantages(cfg, student, batch, a, b, teacher_mask, grpo, s_seen)
 
-    metrics.update(update(student, optimizer, cfg, batch, advantage_fn))
+    metrics.update(update(student, optimizer, cfg, batch, micro_loss, total))
     t3 = time.perf_counter()
-    if cfg.method != "grpo":
-        r, mask, diag = token_rewards(cfg, batch, a, b, s_seen, teacher_mask)
+    if rewards is not None:
+        r, mask, diag = token_rewards(cfg, batch, *rewards)
         metrics.update(diag)
         metrics["reward/token_mean"] = (r.sum() / mask.sum().clamp(min=1)).item()
     metrics.update({**times, "time/teacher": t2 - t1, "time/update": t3 - t2})
     metrics["_batch"] = batch  # for samples; removed before logging
-    if cfg.method != "grpo":
-        metrics["_rewards"] = (a, b, s_seen, teacher_mask)
+    metrics["_rewards"] = rewards
     return metrics
 
 
@@ -355,14 +438,14 @@ def _distill_advantages(cfg: TrainConfig, student, batch: Batch, a, b, teacher_m
             s_seen[idx] = s
             return adv_full[idx], loss_mask[idx]
 
-        return from_batch
+        return from_batch, loss_mask
 
     def per_micro_batch(idx, s):
         s_seen[idx] = s
         r, _, _ = token_rewards(cfg, _slice(batch, idx), a[idx], b[:, idx], s, teacher_mask[idx])
         return mix_advantages(r, grpo[idx], loss_mask[idx], mu=cfg.mu), loss_mask[idx]
 
-    return per_micro_batch
+    return per_micro_batch, loss_mask
 
 
 def _slice(batch: Batch, idx: list[int]) -> Batch:

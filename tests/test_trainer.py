@@ -45,11 +45,12 @@ def _cfg(model_dir, out, **kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("method", ["grpo", "sdpo", "credit"])
-def test_every_method_runs_and_updates(tiny_model_dir, tmp_path, method):
+@pytest.mark.parametrize("method, level", [("grpo", "token"), ("sdpo", "token"), ("credit", "token"),
+                                           ("sdpo", "topk"), ("credit", "topk")])
+def test_every_method_runs_and_updates(tiny_model_dir, tmp_path, method, level):
     from credit.trainer import train
 
-    cfg = _cfg(tiny_model_dir, tmp_path / method, method=method)
+    cfg = _cfg(tiny_model_dir, tmp_path / method, method=method, level=level, topk=5)
     summary = train(cfg)
     assert summary["steps"] == 2 and summary["accuracy_before"] is not None
     rows = read_metrics(os.path.join(cfg.output, "metrics.jsonl"))
@@ -64,8 +65,9 @@ def test_every_method_runs_and_updates(tiny_model_dir, tmp_path, method):
         assert rows[1]["train/grad_norm"] > 0
         samples = json.load(open(os.path.join(cfg.output, "samples", "step_000002.json")))
         first = samples["responses"][0]
-        assert len(first["sdpo"]) == len(first["tokens"])
-        if method == "credit":
+        if level == "token":
+            assert len(first["sdpo"]) == len(first["tokens"])
+        if method == "credit" and level == "token":
             assert "credit/contrastive_pmi" in rows[1]
             assert len(first["credit"]) == len(first["tokens"])
         # the update moved the weights
