@@ -29,7 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import bench_ms, machine_info, peak_extra_mib, plot_results, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    bench_ms,
+    machine_info,
+    peak_extra_mib,
+    plot_results,
+    results_path,
+    write_json,
+)
 from credit import credit_rewards, sequence_pmi  # noqa: E402
 from credit_kernels import _ext  # noqa: E402
 from credit_kernels.credit_reward import HAS_TRITON, credit_reward  # noqa: E402
@@ -180,8 +187,7 @@ def main(argv=None):
         p.error(f"unknown provider(s) {unknown}; choose from {PROVIDERS}")
     meta = machine_info(device)
     meta.update(bench="credit_reward", shape_set=shape_set, baseline=args.baseline, lam=LAM)
-    card = meta["card"].replace(" ", "_").replace("(", "").replace(")", "")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"credit_reward_{card}.json")
+    out = args.out or results_path(meta, "credit_reward")
 
     results = []
     for case in cases:

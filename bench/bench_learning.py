@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import machine_info, write_json  # noqa: E402
+from bench.common import machine_info, results_path, write_json  # noqa: E402
 from credit.config import TrainConfig  # noqa: E402
 from credit.trainer import train  # noqa: E402
 
@@ -33,31 +33,46 @@ def main(argv=None):
     p.add_argument("--model", default="embedded")
     p.add_argument("--runs", default="runs/learning", help="parent directory of the runs")
     p.add_argument("--out", default=None)
+    p.add_argument("--collect", nargs="*", default=None,
+                   help="instead of training, collect finished run directories (their summary.json, metrics.jsonl)")
     args = p.parse_args(argv)
 
-    rows = []
-    for method in args.methods.split(","):
+    rows = [] if args.collect is None else [_collect(run) for run in args.collect]
+    for method in args.methods.split(",") if args.collect is None else []:
         cfg = TrainConfig(method=method, task=args.task, max_steps=args.max_steps, seed=args.seed, model=args.model,
                           output=os.path.join(args.runs, f"{args.task}_{method}"), progress=False)
         t0 = time.perf_counter()
-        summary = train(cfg)
-        wall = time.perf_counter() - t0
-        with open(os.path.join(cfg.output, "metrics.jsonl")) as f:
-            steps = [json.loads(line) for line in f if '"time/step"' in line]
-        rows.append({"method": method, "task": args.task, "steps": args.max_steps, "seed": args.seed,
-                     "accuracy_before": summary["accuracy_before"], "accuracy_after": summary["accuracy_after"],
-                     "eval": summary["eval"], "wall_seconds": wall,
-                     "train_accuracy": [s.get("train/accuracy") for s in steps],
-                     "shortcut_rate": [s.get("task/shortcut_rate") for s in steps if "task/shortcut_rate" in s],
-                     "config": cfg.to_dict()})
-        print(f"{method}: held-out {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f} in {wall:.0f} s")
+        train(cfg)
+        rows.append(_collect(cfg.output, wall=time.perf_counter() - t0))
+    for r in rows:
+        print(f"{r['method']}: held-out {r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} "
+              f"({r['steps']} steps, {r['train_seconds']:.0f} s in steps)")
     meta = machine_info(torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda"))
     meta.update(bench="learning", torch_threads=torch.get_num_threads())
-    card = meta["card"].replace(" ", "_").replace("(", "").replace(")", "")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"learning_{args.task}_{card}.json")
+    out = args.out or results_path(meta, f"learning_{args.task}")
     write_json(out, meta, rows)
     _plot(rows, out.replace(".json", ".png"))
+
+
+def _collect(run: str, wall: float | None = None) -> dict:
+    """One result row from a finished run directory."""
+    with open(os.path.join(run, "summary.json")) as f:
+        summary = json.load(f)
+    config, steps = None, []
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "config" in row:
+                config = row["config"]
+            elif "time/step" in row:
+                steps.append(row)
+    return {"run": run, "method": config["method"], "task": config["task"], "steps": summary["steps"],
+            "seed": config["seed"], "lr": config["lr"], "accuracy_before": summary["accuracy_before"],
+            "accuracy_after": summary["accuracy_after"], "eval": summary["eval"], "wall_seconds": wall,
+            "train_seconds": sum(s["time/step"] for s in steps),
+            "train_accuracy": [s.get("train/accuracy") for s in steps],
+            "shortcut_rate": [s["task/shortcut_rate"] for s in steps if "task/shortcut_rate" in s],
+            "config": config}
 
 
 def _plot(rows, png):
@@ -68,7 +83,8 @@ def _plot(rows, png):
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for r in rows:
-        ax.plot([e[0] for e in r["eval"]], [e[1] for e in r["eval"]], marker="o", label=r["method"])
+        label = r["method"] if r["lr"] == TrainConfig.lr else f"{r['method']} lr={r['lr']:g}"
+        ax.plot([e[0] for e in r["eval"]], [e[1] for e in r["eval"]], marker="o", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out accuracy (greedy)")
     ax.set_title(f"task {rows[0]['task']}, seed {rows[0]['seed']}")

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench import shapes as shape_registry  # noqa: E402
-from bench.common import bench_ms, machine_info, peak_extra_mib, plot_results, write_json  # noqa: E402
+from bench.common import add_floor_ratios, machine_info, measure, plot_results, results_path, write_json  # noqa: E402
 from credit_kernels import linear_logprob, linear_logprob_ref  # noqa: E402
 
 PROVIDERS = ["matmul", "naive", "chunked", "compiled", "torch_lce", "liger", "cce", "credit"]
@@ -170,33 +170,19 @@ def run_case(case, providers, modes, dtype, device, check_errors=True):
                 rows.append({**row, "skipped": reason})
                 print(f"  {mode:7s} {provider:14s} skipped: {reason}")
                 continue
-            try:
-                fn = setup(case, provider, mode, dtype, device)
-                out = fn()
-                if ref is not None and provider != "matmul":
-                    logp = out if mode == "fwd" else out[0]
-                    row["max_abs_err_logp"] = (logp.float() - ref[0]).abs().max().item()
-                    if mode == "fwdbwd":
-                        row["rel_err_dhidden"] = _rel(out[1], ref[1])
-                        row["rel_err_dweight"] = _rel(out[2], ref[2])
-                del out
-                ms = bench_ms(fn, device)
-                mem = peak_extra_mib(fn, device)
-            except Exception as e:  # a peer failing on a shape is a result, not a crash
-                rows.append({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                print(f"  {mode:7s} {provider:14s} ERROR {type(e).__name__}: {str(e)[:120]}")
-                continue
-            work = flops * (1 if mode == "fwd" else 3)
-            row.update(ms=ms[0], ms_p20=ms[1], ms_p80=ms[2], tflops=work / (ms[0] * 1e-3) / 1e12, peak_extra_mib=mem)
-            rows.append(row)
-            print(f"  {mode:7s} {provider:14s} {ms[0]:9.3f} ms  {row['tflops']:7.2f} TFLOP/s"
-                  + (f"  {mem:9.1f} MiB" if mem is not None else "")
-                  + (f"  err {row.get('max_abs_err_logp', 0):.2e}" if "max_abs_err_logp" in row else ""))
-    # ratios against the matmul floor measured just now
-    floor = {r["mode"]: r["ms"] for r in rows if r["provider"] == "matmul" and "ms" in r}
-    for r in rows:
-        if "ms" in r and r["mode"] in floor:
-            r["x_matmul_floor"] = r["ms"] / floor[r["mode"]]
+            def errors(out, mode=mode):
+                if ref is None or provider == "matmul":
+                    return {}
+                logp = out if mode == "fwd" else out[0]
+                errs = {"max_abs_err_logp": (logp.float() - ref[0]).abs().max().item()}
+                if mode == "fwdbwd":
+                    errs.update(rel_err_dhidden=_rel(out[1], ref[1]), rel_err_dweight=_rel(out[2], ref[2]))
+                return errs
+
+            rows.append(measure(row, lambda: setup(case, provider, mode, dtype, device), device,
+                                work_flops=flops * (1 if mode == "fwd" else 3), errors=errors,
+                                label=f"{mode:7s} {provider:14s}"))
+    add_floor_ratios(rows)
     return rows
 
 
@@ -222,8 +208,7 @@ def main(argv=None):
     providers = args.providers.split(",")
     meta = machine_info(device)
     meta.update(bench="logprob", shape_set=shape_set)
-    card = meta["card"].replace(" ", "_").replace("(", "").replace(")", "")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"logprob_{card}.json")
+    out = args.out or results_path(meta, "logprob")
 
     results = []
     for case in cases:

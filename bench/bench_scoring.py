@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import machine_info, plot_results, write_json  # noqa: E402
+from bench.common import machine_info, plot_results, results_path, write_json  # noqa: E402
 from credit.scorer import TeacherScorer  # noqa: E402
 
 PROVIDERS = ["naive", "prefix_cache", "tree", "tree_flex"]
@@ -303,8 +303,7 @@ def main(argv=None):
 
     meta = machine_info(device)
     meta.update(bench="scoring", smoke=args.smoke, model=config_kw, max_tokens=max_tokens, reps=reps)
-    card = meta["card"].replace(" ", "_").replace("(", "").replace(")", "")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"scoring_{card}.json")
+    out = args.out or results_path(meta, "scoring")
 
     t0 = time.perf_counter()
     model = build_model(config_kw, dtype, device)

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import machine_info, write_json  # noqa: E402
+from bench.common import machine_info, results_path, write_json  # noqa: E402
 from credit.config import TrainConfig  # noqa: E402
 from credit.trainer import ema_update, setup, train_step  # noqa: E402
 
@@ -68,8 +68,7 @@ def main(argv=None):
     meta.update(bench="step", model=args.model, task=args.task, method=args.method, prompts=args.prompts,
                 rollouts=args.rollouts, max_new_tokens=args.max_new_tokens, num_partners=args.num_partners,
                 load_seconds=load_s, median=summary, torch_threads=torch.get_num_threads())
-    card = meta["card"].replace(" ", "_").replace("(", "").replace(")", "")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"step_{card}.json")
+    out = args.out or results_path(meta, "step")
     write_json(out, meta, rows)
     print("median: " + "  ".join(f"{k} {v:.1f} s" for k, v in summary.items()))
     return summary

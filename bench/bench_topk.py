@@ -29,7 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench import shapes as shape_registry  # noqa: E402
-from bench.common import bench_ms, machine_info, peak_extra_mib, plot_results, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_floor_ratios,
+    machine_info,
+    measure,
+    plot_results,
+    results_path,
+    write_json,
+)
 from credit_kernels.linear_gather import linear_gather  # noqa: E402
 from credit_kernels.linear_topk import linear_topk  # noqa: E402
 from credit_kernels.reference import linear_gather_ref, linear_topk_ref  # noqa: E402
@@ -230,29 +237,14 @@ def run_case(case, op, providers, modes, dtype, device, check_errors=True):
                 rows.append({**row, "skipped": reason})
                 print(f"  {op:8s} {mode:7s} {provider:14s} skipped: {reason}")
                 continue
-            try:
-                fn = setup(case, op, provider, mode, dtype, device)
-                out = fn()
-                if ref is not None and provider != "matmul":
-                    row.update(_errors(op, mode, out, ref))
-                del out
-                ms = bench_ms(fn, device)
-                mem = peak_extra_mib(fn, device)
-            except Exception as e:  # a peer failing on a shape (e.g. out of memory) is a result, not a crash
-                rows.append({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                print(f"  {op:8s} {mode:7s} {provider:14s} ERROR {type(e).__name__}: {str(e)[:120]}")
-                continue
-            work = flops * (1 if mode == "fwd" else 3)
-            row.update(ms=ms[0], ms_p20=ms[1], ms_p80=ms[2], tflops=work / (ms[0] * 1e-3) / 1e12, peak_extra_mib=mem)
-            rows.append(row)
-            print(f"  {op:8s} {mode:7s} {provider:14s} {ms[0]:9.3f} ms  {row['tflops']:7.2f} TFLOP/s"
-                  + (f"  {mem:9.1f} MiB" if mem is not None else "")
-                  + (f"  err {row['max_abs_err_logp']:.2e}" if "max_abs_err_logp" in row else ""))
-    # ratios against the matmul floor measured just now
-    floor = {r["mode"]: r["ms"] for r in rows if r["provider"] == "matmul" and "ms" in r}
-    for r in rows:
-        if "ms" in r and r["mode"] in floor:
-            r["x_matmul_floor"] = r["ms"] / floor[r["mode"]]
+            rows.append(measure(
+                row, lambda: setup(case, op, provider, mode, dtype, device), device,
+                work_flops=flops * (1 if mode == "fwd" else 3),
+                errors=(lambda out, mode=mode: _errors(op, mode, out, ref)) if ref is not None and provider != "matmul"
+                else None,
+                label=f"{op:8s} {mode:7s} {provider:14s}",
+            ))
+    add_floor_ratios(rows)
     return rows
 
 
@@ -288,8 +280,7 @@ def main(argv=None):
     providers = args.providers.split(",")
     meta = machine_info(device)
     meta.update(bench="topk", shape_set=shape_set)
-    card = meta["card"].replace(" ", "_").replace("(", "").replace(")", "")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"topk_{card}.json")
+    out = args.out or results_path(meta, "topk")
 
     results = []
     for case in cases:

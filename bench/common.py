@@ -122,3 +122,40 @@ def plot_results(json_path: str, png_path: str, *, title: str, metric: str = "ms
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     print(f"wrote {png_path}")
+
+
+def measure(row: dict, make_fn: Callable[[], Callable[[], object]], device: torch.device, *, work_flops: float | None,
+            errors: Callable[[object], dict] | None = None, label: str = "") -> dict:
+    """One provider on one case: its errors (errors(first output) -> columns), [median, p20, p80] ms, TFLOP/s and
+    peak extra MiB, added to `row`. A provider that fails (a peer out of memory, say) is a result, not a crash."""
+    try:
+        fn = make_fn()
+        out = fn()
+        if errors is not None:
+            row.update(errors(out))
+        del out
+        ms = bench_ms(fn, device)
+        mem = peak_extra_mib(fn, device)
+    except Exception as e:
+        print(f"  {label} ERROR {type(e).__name__}: {str(e)[:120]}")
+        return {**row, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    tflops = work_flops / (ms[0] * 1e-3) / 1e12 if work_flops else None
+    row.update(ms=ms[0], ms_p20=ms[1], ms_p80=ms[2], tflops=tflops, peak_extra_mib=mem)
+    print(f"  {label} {ms[0]:9.3f} ms" + (f"  {tflops:7.2f} TFLOP/s" if tflops is not None else "")
+          + (f"  {mem:9.1f} MiB" if mem is not None else "")
+          + (f"  err {row['max_abs_err_logp']:.2e}" if "max_abs_err_logp" in row else ""))
+    return row
+
+
+def add_floor_ratios(rows: list[dict], floor_provider: str = "matmul") -> None:
+    """x_matmul_floor = ms / the floor provider's ms in the same mode, measured in the same run."""
+    floor = {r["mode"]: r["ms"] for r in rows if r["provider"] == floor_provider and "ms" in r}
+    for r in rows:
+        if "ms" in r and r["mode"] in floor:
+            r["x_matmul_floor"] = r["ms"] / floor[r["mode"]]
+
+
+def results_path(meta: dict, name: str, suffix: str = ".json") -> str:
+    """bench/results/<name>_<card>.json"""
+    card = meta["card"].replace(" ", "_").replace("(", "").replace(")", "")
+    return os.path.join(ROOT, "bench", "results", f"{name}_{card}{suffix}")
