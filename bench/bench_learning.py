@@ -45,7 +45,7 @@ def main(argv=None):
         train(cfg)
         rows.append(_collect(cfg.output, wall=time.perf_counter() - t0))
     for r in rows:
-        print(f"{r['method']}: held-out {r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} "
+        print(f"{r['label']}: held-out {r['accuracy_before']:.3f} -> {r['accuracy_after']:.3f} "
               f"({r['steps']} steps, {r['train_seconds']:.0f} s in steps)")
     meta = machine_info(torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda"))
     meta.update(bench="learning", torch_threads=torch.get_num_threads())
@@ -66,7 +66,7 @@ def _collect(run: str, wall: float | None = None) -> dict:
                 config = row["config"]
             elif "time/step" in row:
                 steps.append(row)
-    return {"run": run, "method": config["method"], "task": config["task"], "steps": summary["steps"],
+    return {"run": run, "label": _label(config), "method": config["method"], "task": config["task"], "steps": summary["steps"],
             "seed": config["seed"], "lr": config["lr"], "accuracy_before": summary["accuracy_before"],
             "accuracy_after": summary["accuracy_after"], "eval": summary["eval"], "wall_seconds": wall,
             "train_seconds": sum(s["time/step"] for s in steps),
@@ -75,21 +75,28 @@ def _collect(run: str, wall: float | None = None) -> dict:
             "config": config}
 
 
+def _label(config: dict) -> str:
+    """The method, plus the method options that differ from the defaults (e.g. "credit lam=1.0")."""
+    defaults = TrainConfig().to_dict()
+    keys = ("level", "lam", "baseline", "swap", "mu", "num_partners", "lr", "teacher")
+    diff = [f"{k}={config[k]}" for k in keys if config.get(k) != defaults[k]]
+    return " ".join([config["method"], *diff])
+
+
 def _plot(rows, png):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
     for r in rows:
-        label = r["method"] if r["lr"] == TrainConfig.lr else f"{r['method']} lr={r['lr']:g}"
-        ax.plot([e[0] for e in r["eval"]], [e[1] for e in r["eval"]], marker="o", label=label)
+        ax.plot([e[0] for e in r["eval"]], [e[1] for e in r["eval"]], marker="o", label=r["label"])
     ax.set_xlabel("step")
     ax.set_ylabel("held-out accuracy (greedy)")
     ax.set_title(f"task {rows[0]['task']}, seed {rows[0]['seed']}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     print(f"wrote {png}")
