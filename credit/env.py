@@ -39,8 +39,20 @@ def env_report() -> dict:
             "Triton interpreter (TRITON_INTERPRET=1)": "yes" if (HAS_TRITON and INTERPRET) else "no",
             "PyTorch reference": "yes",
         },
+        "code sandbox": _sandbox(),
     }
     return report
+
+
+def _sandbox() -> str:
+    """Which isolation layers the code environment gets on this machine (runs one tiny sandboxed program)."""
+    try:
+        from credit.envs.sandbox import sandbox_report
+
+        info = sandbox_report()
+        return f"{', '.join(info['layers'])} (python {info['python']})"
+    except Exception as e:  # the report must never fail because of the sandbox
+        return f"unavailable ({type(e).__name__}: {e})"
 
 
 def format_report(report: dict) -> str:

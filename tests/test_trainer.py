@@ -163,6 +163,7 @@ def test_cli_config_file_and_viz(tiny_model_dir, tmp_path):
     assert main(["train", "--config", str(conf), "--output", str(out), "--no-progress", "--method", "credit"]) == 0
     saved = json.load(open(out / "ckpt" / "step_000001" / "config.json"))
     assert saved["max_steps"] == 1 and saved["method"] == "credit" and saved["model"] == tiny_model_dir
+    assert main(["eval", "--model", tiny_model_dir, "--run", str(out), "--n-heldout", "3", "--max-new-tokens", "4"]) == 0
     assert main(["viz", "--run", str(out)]) == 0
     page = (out / "viz.html").read_text()
     assert "SDPO" in page and "CREDIT" in page and "<span" in page
