@@ -41,6 +41,7 @@ from credit.rewards import _check_baseline, _check_finite, _check_lam, _check_tr
 from credit.rewards import credit_rewards as _credit_rewards_oracle
 from credit.rewards import sequence_pmi as _sequence_pmi_oracle
 from credit_kernels import _ext
+from credit_kernels.linear_logprob import resolve_backend as _resolve_common
 
 try:
     import triton
@@ -270,40 +271,27 @@ class CreditReward(NamedTuple):
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" to a concrete backend for `device` and check that an explicit one can run there."""
+    """Map "auto" to a concrete backend for `device` and check that an explicit one can run there.
+
+    As linear_logprob's, plus "cuda" (the compiled kernel), which "auto" picks on CUDA without Triton.
+    """
     op = "credit_reward"
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "auto":
-        if device.type == "cuda":
-            if HAS_TRITON:
-                return "triton"
-            return "cuda" if _ext.use_ext(device) else "torch"
-        return "cpp" if _ext.use_ext(device) else "torch"
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise ValueError(f"{op}: backend='triton' but triton is not installed (pip install triton)")
-        if device.type != "cuda" and not INTERPRET:
-            raise ValueError(
-                f"{op}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
-                f"to run it on {device.type} tensors; use backend='auto'"
-            )
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"{op}: backend='cuda' runs on CUDA tensors only; got {device.type} tensors (use "
-                             "backend='cpp' or 'auto')")
-        if not _ext.HAS_EXT_CUDA:
-            why = "not built" if not _ext.HAS_EXT else "built without CUDA kernels (CPU-only torch or no nvcc)"
-            raise ValueError(
-                f"{op}: backend='cuda' but credit_kernels._C is {why}; rebuild with a CUDA torch and nvcc "
-                "(CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .) or use "
-                "backend='triton'"
-            )
-    if backend == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"{op}: backend='cpp' runs on CPU tensors only; got {device.type} tensors")
-        if not _ext.HAS_EXT:
-            raise ValueError(f"{op}: backend='cpp' but credit_kernels._C is not built ({_ext.EXT_ERROR})")
+    if backend == "auto" and device.type == "cuda" and not HAS_TRITON:
+        return "cuda" if _ext.use_ext(device) else "torch"
+    if backend != "cuda":
+        return _resolve_common(backend, device, op)
+    if device.type != "cuda":
+        raise ValueError(f"{op}: backend='cuda' runs on CUDA tensors only; got {device.type} tensors (use "
+                         "backend='cpp' or 'auto')")
+    if not _ext.HAS_EXT_CUDA:
+        why = "not built" if not _ext.HAS_EXT else "built without CUDA kernels (CPU-only torch or no nvcc)"
+        raise ValueError(
+            f"{op}: backend='cuda' but credit_kernels._C is {why}; rebuild with a CUDA torch and nvcc "
+            "(CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .) or use "
+            "backend='triton'"
+        )
     return backend
 
 
