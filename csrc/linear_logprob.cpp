@@ -8,37 +8,21 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "linear_common.h"
+
 #include <cmath>
 #include <tuple>
 
 namespace credit {
 namespace {
 
-#define CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
-#define CHECK_DIM(x, n) TORCH_CHECK((x).dim() == (n), #x " must be " #n "-D, got shape ", (x).sizes())
-
 void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets) {
-  CHECK_CPU(hidden);
-  CHECK_CPU(weight);
+  check_matrices(hidden, weight);
   CHECK_CPU(targets);
-  CHECK_DIM(hidden, 2);
-  CHECK_DIM(weight, 2);
   CHECK_DIM(targets, 1);
-  TORCH_CHECK(hidden.size(1) == weight.size(1), "hidden [N, d] and weight [V, d] must share d; got ", hidden.sizes(),
-              " and ", weight.sizes());
   TORCH_CHECK(targets.size(0) == hidden.size(0), "targets must have shape [N] = [", hidden.size(0), "]; got ",
               targets.sizes());
-  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "hidden and weight must have the same dtype; got ",
-              hidden.scalar_type(), " and ", weight.scalar_type());
   TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64, got ", targets.scalar_type());
-}
-
-at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-int64_t pick_chunk(int64_t chunk_rows, int64_t vocab) {
-  if (chunk_rows > 0) return chunk_rows;
-  // ~64 Mi fp32 logits per chunk (256 MiB), at least 16 rows.
-  return std::max<int64_t>(16, std::min<int64_t>(1024, (int64_t(64) << 20) / std::max<int64_t>(vocab, 1)));
 }
 
 template <typename scalar_t>

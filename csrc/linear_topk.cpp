@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "linear_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <tuple>
@@ -21,36 +23,14 @@
 namespace credit {
 namespace {
 
-#define CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
-#define CHECK_DIM(x, n) TORCH_CHECK((x).dim() == (n), #x " must be " #n "-D, got shape ", (x).sizes())
 #define CHECK_SHAPE(x, ...) \
   TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ "), got ", (x).sizes())
-
-void check_matrices(const at::Tensor& hidden, const at::Tensor& weight) {
-  CHECK_CPU(hidden);
-  CHECK_CPU(weight);
-  CHECK_DIM(hidden, 2);
-  CHECK_DIM(weight, 2);
-  TORCH_CHECK(hidden.size(1) == weight.size(1), "hidden [N, d] and weight [V, d] must share d; got ", hidden.sizes(),
-              " and ", weight.sizes());
-  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "hidden and weight must have the same dtype; got ",
-              hidden.scalar_type(), " and ", weight.scalar_type());
-  TORCH_CHECK(weight.size(0) > 0, "weight must have V >= 1 rows");
-}
 
 void check_ids(const at::Tensor& ids, int64_t n) {
   CHECK_CPU(ids);
   CHECK_DIM(ids, 2);
   TORCH_CHECK(ids.size(0) == n, "ids must have shape [N, k] with N = ", n, "; got ", ids.sizes());
   TORCH_CHECK(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
-}
-
-at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-int64_t pick_chunk(int64_t chunk_rows, int64_t vocab) {
-  if (chunk_rows > 0) return chunk_rows;
-  // ~64 Mi fp32 logits per chunk (256 MiB), at least 16 rows (as linear_logprob.cpp).
-  return std::max<int64_t>(16, std::min<int64_t>(1024, (int64_t(64) << 20) / std::max<int64_t>(vocab, 1)));
 }
 
 // max and log-sum-exp of a row of tempered logits, in double.
