@@ -284,17 +284,17 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += (a @ b).float()
 
 
-def _linear_logprob_bwd_triton(
-    grad_logp, grad_entropy, grad_lse, hidden, weight, targets, lse, entropy, temperature, ignore_index,
-    needs_dh, needs_dw,
-):
-    n, d = hidden.shape
+def chunked_linear_backward(hidden, weight, needs_dh: bool, needs_dw: bool, write_dz):
+    """d hidden = dz W and d weight = dz^T h, one row chunk of dz at a time (extra memory: chunk x V).
+
+    write_dz(rows: slice, h [rows, d], dz [rows, V]) fills dz (hidden's dtype) with d loss / d (h W^T).
+    d weight accumulates in fp32 when there are several chunks. Returns (d_hidden or None, d_weight or None).
+    """
+    n = hidden.shape[0]
     vocab = weight.shape[0]
     dev = hidden.device
-    cfg = _config(dev, hidden.dtype)
-    dz_dtype = hidden.dtype
     chunk = _bwd_chunk_rows(n, vocab, hidden.element_size())
-    dz_buf = _scratch((min(chunk, n), vocab), dtype=dz_dtype, device=dev)
+    dz_buf = _scratch((min(chunk, n), vocab), dtype=hidden.dtype, device=dev)
     d_hidden = _scratch(hidden.shape, dtype=hidden.dtype, device=dev) if needs_dh else None
     single = chunk >= n
     d_weight = None
@@ -304,12 +304,35 @@ def _linear_logprob_bwd_triton(
             if single
             else torch.zeros(weight.shape, dtype=torch.float32, device=dev)
         )
-    dummy = lse  # stands in for absent row gradients (never read: the HAS_* flag is off)
     for start in range(0, n, chunk):
-        rows = min(chunk, n - start)
-        sl = slice(start, start + rows)
+        sl = slice(start, min(n, start + chunk))
         h = hidden[sl]
-        dz = dz_buf[:rows]
+        dz = dz_buf[: sl.stop - start]
+        write_dz(sl, h, dz)
+        if needs_dh:
+            torch.mm(dz, weight, out=d_hidden[sl])
+        if needs_dw:
+            if single:
+                torch.mm(dz.T, h, out=d_weight)
+            else:
+                _addmm_fp32(d_weight, dz.T, h)
+    if needs_dw and not single:
+        d_weight = d_weight.to(weight.dtype)
+    return d_hidden, d_weight
+
+
+def _linear_logprob_bwd_triton(
+    grad_logp, grad_entropy, grad_lse, hidden, weight, targets, lse, entropy, temperature, ignore_index,
+    needs_dh, needs_dw,
+):
+    d = hidden.shape[1]
+    vocab = weight.shape[0]
+    dev = hidden.device
+    cfg = _config(dev, hidden.dtype)
+    dummy = lse  # stands in for absent row gradients (never read: the HAS_* flag is off)
+
+    def write_dz(sl, h, dz):
+        rows = h.shape[0]
         grid = (triton.cdiv(rows, cfg["BLOCK_N"]) * triton.cdiv(vocab, cfg["BLOCK_V"]),)
         _linear_logprob_bwd_kernel[grid](
             h, weight, targets[sl], lse[sl], entropy[sl] if grad_entropy is not None else dummy,
@@ -323,16 +346,8 @@ def _linear_logprob_bwd_triton(
             HAS_GRAD_LSE=grad_lse is not None, **_dot_flags(dev, hidden.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-        if needs_dh:
-            torch.mm(dz, weight, out=d_hidden[sl])
-        if needs_dw:
-            if single:
-                torch.mm(dz.T, h, out=d_weight)
-            else:
-                _addmm_fp32(d_weight, dz.T, h)
-    if needs_dw and not single:
-        d_weight = d_weight.to(weight.dtype)
-    return d_hidden, d_weight
+
+    return chunked_linear_backward(hidden, weight, needs_dh, needs_dw, write_dz)
 
 
 # ---------------------------------------------------------------------------------------------

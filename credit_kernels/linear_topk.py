@@ -45,12 +45,12 @@ from credit_kernels import _ext
 from credit_kernels.linear_logprob import (
     HAS_TRITON,
     SUPPORTED_DTYPES,
-    _addmm_fp32,
     _bwd_chunk_rows,
     _config,
     _dot_flags,
     _num_splits,
     _scratch,
+    chunked_linear_backward,
     resolve_backend,
 )
 from credit_kernels.reference import _row_chunk, linear_topk_ref
@@ -274,26 +274,12 @@ def _linear_logits_bwd_triton(hidden, weight, ids, fix, lse, coef, lse_rest, coe
     n, d = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
-    chunk = _bwd_chunk_rows(n, vocab, hidden.element_size())
-    cfg = _topk_config(dev, hidden.dtype, min(chunk, n), "dz")
-    dz_dtype = hidden.dtype
-    dz_buf = _scratch((min(chunk, n), vocab), dtype=dz_dtype, device=dev)
-    fix_dz = (fix / temperature).to(dz_dtype)  # the entries at the ids, rounded once
-    d_hidden = _scratch(hidden.shape, dtype=hidden.dtype, device=dev) if needs_dh else None
-    single = chunk >= n
-    d_weight = None
-    if needs_dw:
-        d_weight = (
-            _scratch(weight.shape, dtype=weight.dtype, device=dev)
-            if single
-            else torch.zeros(weight.shape, dtype=torch.float32, device=dev)
-        )
+    cfg = _topk_config(dev, hidden.dtype, min(_bwd_chunk_rows(n, vocab, hidden.element_size()), n), "dz")
+    fix_dz = (fix / temperature).to(hidden.dtype)  # the entries at the ids, rounded once
     has_rest = lse_rest is not None
-    for start in range(0, n, chunk):
-        rows = min(chunk, n - start)
-        sl = slice(start, start + rows)
-        h = hidden[sl]
-        dz = dz_buf[:rows]
+
+    def write_dz(sl, h, dz):
+        rows = h.shape[0]
         grid = (triton.cdiv(rows, cfg["BLOCK_N"]) * triton.cdiv(vocab, cfg["BLOCK_V"]),)
         _linear_logits_dz_kernel[grid](
             h, weight, lse[sl], coef[sl], lse_rest[sl] if has_rest else lse, coef_rest[sl] if has_rest else coef,
@@ -304,16 +290,8 @@ def _linear_logits_bwd_triton(hidden, weight, ids, fix, lse, coef, lse_rest, coe
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         dz.scatter_(1, ids[sl], fix_dz[sl])
-        if needs_dh:
-            torch.mm(dz, weight, out=d_hidden[sl])
-        if needs_dw:
-            if single:
-                torch.mm(dz.T, h, out=d_weight)
-            else:
-                _addmm_fp32(d_weight, dz.T, h)
-    if needs_dw and not single:
-        d_weight = d_weight.to(weight.dtype)
-    return d_hidden, d_weight
+
+    return chunked_linear_backward(hidden, weight, needs_dh, needs_dw, write_dz)
 
 
 def _linear_logits_bwd_torch(hidden, weight, ids, fix, lse, coef, lse_rest, coef_rest, temperature,

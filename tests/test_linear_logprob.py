@@ -247,3 +247,20 @@ def test_gpu_bf16_error_no_worse_than_torch(shape):
         err = (ours.float() - exp).abs().max().item()
         base_err = (base.float() - exp).abs().max().item()
         assert err <= 2 * base_err + 1e-3, f"{name}: ours {err:.3g} vs torch bf16 {base_err:.3g}"
+
+
+@pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="the chunked backward is the Triton path's")
+def test_triton_backward_over_several_row_chunks(monkeypatch):
+    # 37 rows in chunks of 16: d_weight accumulates in fp32 across chunks, d_hidden is written per chunk
+    monkeypatch.setenv("CREDIT_BWD_CHUNK_ROWS", "16")
+    monkeypatch.setattr(ll, "POISON", True)
+    hidden, weight, targets = _inputs(37, 31, 1000, torch.bfloat16)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    g = torch.randn(37)
+    (linear_logprob(h, w, targets, backend="triton") * g).sum().backward()
+    h64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    (_oracle(h64, w64, targets) * g.double()).sum().backward()
+    assert_close_verbose(h.grad, h64.grad, atol=2e-3, rtol=1.6e-2, name="d_hidden")
+    assert_close_verbose(w.grad, w64.grad, atol=2e-3, rtol=1.6e-2, name="d_weight")
