@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.common import machine_info, plot_results, results_path, write_json  # noqa: E402
+from bench.common import machine_info, peak_extra_mib, plot_results, results_path, write_json  # noqa: E402
 from credit.scorer import TeacherScorer  # noqa: E402
 
 PROVIDERS = ["naive", "prefix_cache", "tree", "tree_flex"]
@@ -197,19 +197,6 @@ def _timed(fn, device, reps: int):
     return out, [statistics.median(times), q[1], q[7]]
 
 
-def _peak_mib(fn, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    res = fn()
-    torch.cuda.synchronize(device)
-    del res
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-
 def run_case(name: str, m: int, work, model, providers, *, max_tokens: int, reps: int, device: torch.device):
     contexts, responses, pairs = work
     resp_tokens = sum(len(responses[i]) for i, _ in pairs)
@@ -228,7 +215,7 @@ def run_case(name: str, m: int, work, model, providers, *, max_tokens: int, reps
         try:
             fn = setup(provider, model, work, max_tokens=max_tokens, device=device)
             (logp, tokens_run), ms = _timed(fn, device, reps)
-            mem = _peak_mib(fn, device)
+            mem = peak_extra_mib(fn, device)
         except Exception as e:  # a provider failing (e.g. out of memory) is a result, not a crash
             rows.append({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             print(f"  {provider:13s} ERROR {type(e).__name__}: {str(e)[:160]}")
