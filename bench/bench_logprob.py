@@ -98,11 +98,12 @@ def unavailable(provider: str, device: torch.device) -> str | None:
 def make_inputs(case, dtype, device):
     """Seeded hidden [N, d], weight [V, d] (logits of a realistic spread), targets [N], advantages [N]."""
     n, d, vocab = case
-    g = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(n, d, generator=g).to(dtype).to(device)
-    weight = (torch.randn(vocab, d, generator=g) / d**0.5 * 4).to(dtype).to(device)
-    targets = torch.randint(0, vocab, (n,), generator=g).to(device)
-    adv = torch.randn(n, generator=g).to(device)
+    # drawn on the device: a CPU draw of a 151936 x 3584 weight costs seconds per provider
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, d, generator=g, device=device).to(dtype)
+    weight = (torch.randn(vocab, d, generator=g, device=device) / d**0.5 * 4).to(dtype)
+    targets = torch.randint(0, vocab, (n,), generator=g, device=device)
+    adv = torch.randn(n, generator=g, device=device)
     return hidden, weight, targets, adv
 
 
@@ -146,12 +147,14 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
 
-def reference(case, dtype, device):
+def reference(case, dtype, device, backward=True):
     """fp32 reference logp and gradients of -(adv * logp).sum() from the same (rounded) inputs."""
     hidden, weight, targets, adv = make_inputs(case, dtype, device)
-    h = hidden.float().requires_grad_()
-    w = weight.float().requires_grad_()
+    h = hidden.float().requires_grad_(backward)
+    w = weight.float().requires_grad_(backward)
     logp = linear_logprob_ref(h, w, targets, chunk_rows=1024)
+    if not backward:
+        return logp.detach(), None, None
     (-(adv * logp).sum()).backward()
     return logp.detach(), h.grad, w.grad
 
@@ -159,7 +162,7 @@ def reference(case, dtype, device):
 def run_case(case, providers, modes, dtype, device, check_errors=True):
     n, d, vocab = case
     flops = 2 * n * d * vocab
-    ref = reference(case, dtype, device) if check_errors else None
+    ref = reference(case, dtype, device, backward="fwdbwd" in modes) if check_errors else None
     rows = []
     for mode in modes:
         for provider in providers:
@@ -196,12 +199,14 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="bf16 (GPU default), fp16 or fp32 (CPU default)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/logprob_<card>.json)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--cases", default=None, help="comma list of NxdxV to run from the shape set (default: all)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     shape_set = "smoke" if args.smoke else (args.shapes or ("gpu" if device.type == "cuda" else "cpu"))
     cases = {"gpu": shape_registry.LOGPROB_GPU, "cpu": shape_registry.LOGPROB_CPU,
              "smoke": shape_registry.LOGPROB_SMOKE}[shape_set]
+    cases = shape_registry.select(cases, args.cases)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = dtypes[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     modes = args.modes.split(",")

@@ -302,9 +302,9 @@ def main(argv=None):
             work = makers[name](m)
             print(f"{name} M={m}: {len(work[2])} pairs, {len(work[0])} contexts")
             results += run_case(name, m, work, model, providers, max_tokens=max_tokens, reps=reps, device=device)
+            write_json(out, meta, results)  # after every case: a run cut short by a time limit keeps what finished
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    write_json(out, meta, results)
     if not args.no_plot:
         plot_results(out, out.replace(".json", ".png"), title="teacher scoring", metric="resp_tok_per_s")
     return results

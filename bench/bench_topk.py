@@ -123,14 +123,14 @@ def make_inputs(case, op, dtype, device):
     gather the ids to score: the top-k of a second ("student") weight, so the gathered mass is high."""
     n, d, vocab = case
     k = OPS[op]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    hidden = torch.randn(n, d, generator=g).to(dtype).to(device)
-    weight = (torch.randn(vocab, d, generator=g) / d**0.5 * 4).to(dtype).to(device)
-    g_logp = torch.randn(n, k, generator=g).to(device)
-    g_row = torch.randn(n, generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(0)  # drawn on the device: CPU draws of [V, d] cost seconds
+    hidden = torch.randn(n, d, generator=g, device=device).to(dtype)
+    weight = (torch.randn(vocab, d, generator=g, device=device) / d**0.5 * 4).to(dtype)
+    g_logp = torch.randn(n, k, generator=g, device=device)
+    g_row = torch.randn(n, generator=g, device=device)
     ids = None
     if op == "gather":
-        student = (weight.float() + 0.3 * torch.randn(vocab, d, generator=g).to(device) / d**0.5).to(dtype)
+        student = (weight.float() + 0.3 * torch.randn(vocab, d, generator=g, device=device) / d**0.5).to(dtype)
         ids = torch.cat([(hidden[i:i + 4096] @ student.T).topk(k, dim=-1).indices for i in range(0, n, 4096)])
     return hidden, weight, g_logp, g_row, ids
 
@@ -259,6 +259,7 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="bf16 (GPU default), fp16 or fp32 (CPU default)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/topk_<card>.json)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--cases", default=None, help="comma list of NxdxV to run from the shape set (default: all)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -270,6 +271,7 @@ def main(argv=None):
     # one registry for every logit-level benchmark (bench/shapes.py)
     cases = {"gpu": shape_registry.LOGPROB_GPU, "cpu": shape_registry.LOGPROB_CPU,
              "smoke": shape_registry.LOGPROB_SMOKE}[shape_set]
+    cases = shape_registry.select(cases, args.cases)
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = dtypes[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     modes = args.modes.split(",")

@@ -1,20 +1,70 @@
 #!/usr/bin/env bash
-# One prepared GPU run (< 6 min): build the extension, run the GPU tests, run the benchmarks, write JSON.
-#   bash bench/gpu_check.sh            # results in $OUT (the device tool's folder) or bench/results/
-# Peer wheels (liger-kernel, cut-cross-entropy) are installed from ./wheels/ when present (no internet there).
+# One prepared GPU run: build the extension, run the kernel tests on the GPU, sweep and run the benchmarks.
+#   bash bench/gpu_check.sh            # results in $OUT (the device tool's folder) or bench/results/gpu/
+#   STAGES="build tests logprob" bash bench/gpu_check.sh  # a subset, in this order: build tests retest sweep topk
+#                                                          #   scoring credit_reward tree logprob
+#   RETEST="tests/x.py::test_y ..." STAGES="build retest" bash bench/gpu_check.sh   # full tracebacks of a few tests
+# Each stage has its own timeout, so one slow or broken stage never hides the others. Everything is logged to
+# $OUT/log.txt; each benchmark writes its JSON into $OUT (plots are made later from the JSON, off the card).
+# Peer wheels (liger-kernel, cut-cross-entropy) are installed from ./.whl/ when present (no internet there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results}
+OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
+STAGES=${STAGES:-"build tests sweep topk scoring credit_reward tree logprob"}
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
 start=$(date +%s)
-if compgen -G "wheels/*.whl" >/dev/null; then pip install -q --no-deps wheels/*.whl; fi
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
-python -m credit env | tee "$OUT/env.txt"
-echo "build: $(( $(date +%s) - start )) s"
-timeout 100 python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
-echo "gpu tests: $(( $(date +%s) - start )) s"
-timeout 110 python bench/bench_logprob.py --out "$OUT/logprob_gpu.json" 2>&1 | tee "$OUT/bench_logprob.txt" | tail -40
-timeout 40 python bench/bench_topk.py --out "$OUT/topk_gpu.json" 2>&1 | tail -20
-timeout 20 python bench/bench_credit_reward.py --out "$OUT/credit_reward_gpu.json" 2>&1 | tail -10
-timeout 60 python bench/bench_scoring.py --out "$OUT/scoring_gpu.json" 2>&1 | tail -20
-echo "total: $(( $(date +%s) - start )) s"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+stamp() { echo "=== [$(( $(date +%s) - start )) s] $*"; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+stamp "start: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+if has build; then
+  stamp build
+  MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} timeout 240 \
+    $PY -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -20
+fi
+$PY -m credit env
+if has tests; then
+  stamp tests
+  # the kernel suites run their Triton cases on the GPU when CUDA is there (tests/utils.py TRITON_DEVICE)
+  timeout 200 $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 120 --maxfail 30 \
+    tests/test_linear_logprob.py tests/test_linear_topk.py tests/test_credit_reward.py tests/test_rewards.py \
+    tests/test_tree_attention.py tests/test_scorer.py 2>&1 | tail -60
+fi
+if has retest; then
+  stamp retest
+  timeout 150 $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 120 --tb=long ${RETEST:-tests} \
+    > "$OUT/retest.txt" 2>&1
+  tail -15 "$OUT/retest.txt"
+fi
+if has sweep; then
+  stamp sweep
+  timeout 90 $PY bench/sweep_logprob.py --out "$OUT/sweep_logprob.json"
+fi
+if has scoring; then
+  stamp scoring
+  timeout 100 $PY bench/bench_scoring.py --no-plot --out "$OUT/scoring.json" ${SCORING_ARGS:-}
+fi
+if has topk; then
+  stamp topk
+  timeout 90 $PY bench/bench_topk.py --no-plot --out "$OUT/topk.json" ${TOPK_ARGS:-}
+fi
+if has credit_reward; then
+  stamp credit_reward
+  timeout 40 $PY bench/bench_credit_reward.py --no-plot --out "$OUT/credit_reward.json"
+fi
+if has tree; then
+  stamp tree
+  timeout 60 $PY bench/bench_tree_attention.py --quick --out "$OUT/tree_attention.jsonl"
+fi
+if has logprob; then
+  stamp logprob
+  timeout 150 $PY bench/bench_logprob.py --no-plot --out "$OUT/logprob.json" \
+    --providers ${LOGPROB_PROVIDERS:-matmul,naive,chunked,compiled,liger,cce,credit} ${LOGPROB_ARGS:-}
+fi
+stamp done

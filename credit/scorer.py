@@ -413,7 +413,7 @@ class TeacherScorer:
         backend: "auto" ("tree" for the supported families, see SUPPORTED_MODEL_TYPES, with a plain linear LM
             head; else "naive"), "tree" (error for unsupported models), "naive" (padded batches, any causal LM).
             Under "auto" a call whose sequences exceed a sliding attention window runs "naive".
-        attn_backend: tree_attention's backend: "auto" (CUDA: Triton for head dims 64/128, else flex; CPU: the
+        attn_backend: tree_attention's backend: "auto" (CUDA: Triton for head dims 16-128, else flex; CPU: the
             torch reference), "triton", "flex", "torch".
         max_tokens: tokens per forward: unique tokens per trie chunk ("tree"), padded batch x length ("naive").
             Bounds activation memory; a single longer sequence runs alone (with a warning).

@@ -205,10 +205,17 @@ def _scratch(shape, *, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _config(device: torch.device, dtype: torch.dtype) -> dict:
-    """One fixed config per regime. GPU numbers are a Hopper starting point, not yet tuned on a card."""
+def _config(device: torch.device, dtype: torch.dtype, kernel: str = "fwd") -> dict:
+    """One fixed config per regime and kernel ("fwd"; "dz", the backward's logit-gradient kernel).
+
+    GPU forward: the best of bench/sweep_logprob.py on an H200 (bf16, N = 16384, d in {1536, 3584}, V = 151936:
+    1.22-1.31x cuBLAS's matmul against 1.48-1.53x for 128 x 128 tiles; bench/results/sweep_logprob_NVIDIA_H200.json).
+    The dz kernel keeps the 128 x 128 Hopper starting point, not yet swept on a card.
+    """
     if device.type != "cuda":  # interpreter: few, large programs (it costs ~ms per loop iteration)
         return dict(BLOCK_N=64, BLOCK_V=1024, BLOCK_D=64, GROUP_N=4, num_warps=4, num_stages=1)
+    if kernel == "fwd":
+        return dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64, GROUP_N=8, num_warps=8, num_stages=3)
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, GROUP_N=8, num_warps=8, num_stages=3)
 
 
@@ -328,7 +335,7 @@ def _linear_logprob_bwd_triton(
     d = hidden.shape[1]
     vocab = weight.shape[0]
     dev = hidden.device
-    cfg = _config(dev, hidden.dtype)
+    cfg = _config(dev, hidden.dtype, "dz")
     dummy = lse  # stands in for absent row gradients (never read: the HAS_* flag is off)
 
     def write_dz(sl, h, dz):

@@ -215,7 +215,7 @@ def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _topk_config(device: torch.device, dtype: torch.dtype, n: int, kernel: str) -> dict:
     """linear_logprob's config, adapted per kernel ("topk", "gather" forward; "dz" backward)."""
-    cfg = _config(device, dtype)
+    cfg = _config(device, dtype, "dz")  # the 128 x 128 base; each kernel narrows it below
     if device.type != "cuda":
         # interpreter: its cost is per tile visited, so few rows get wider tiles of the same size
         block_n = min(64, max(16, triton.next_power_of_2(n)))

@@ -8,7 +8,7 @@ import torch
 
 from credit_kernels import _ext
 from credit_kernels.reference import linear_gather_ref, linear_topk_ref
-from tests.utils import HAS_CUDA, HAS_TRITON, INTERPRET, assert_close_verbose
+from tests.utils import HAS_CUDA, HAS_TRITON, INTERPRET, TRITON_DEVICE, assert_close_verbose
 
 # the modules, not the functions of the same names that credit_kernels may re-export
 ll = importlib.import_module("credit_kernels.linear_logprob")
@@ -345,7 +345,7 @@ def test_backend_limits_and_unchecked_nan():
     hidden, weight = _inputs(6, 8, 300, torch.float32)
     if HAS_TRITON and (INTERPRET or HAS_CUDA):
         with pytest.raises(ValueError, match=r"supports k <= 128; got k=200"):
-            linear_topk(hidden, weight, 200, backend="triton")
+            linear_topk(hidden.to(TRITON_DEVICE), weight.to(TRITON_DEVICE), 200, backend="triton")
         assert lt._resolve("auto", torch.device("cuda"), "linear_topk", 200) == "torch"
     elif not HAS_CUDA:
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):

@@ -4,6 +4,7 @@ heads, vocab 300), the embedded SmolLM2 when installed, and the benchmark's smok
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -320,7 +321,8 @@ def test_credit_tree_outside_the_scorer_raises(models):
 
 @pytest.mark.skipif(TRITON_DEVICE is None, reason="needs CUDA or TRITON_INTERPRET=1")
 def test_triton_tree_attention_backend(models):
-    model = _model(models, "llama")  # head dim 16: the smallest the Triton kernel takes
+    # head dim 16: the smallest the Triton kernel takes; a copy on the Triton device (CUDA, or CPU interpreted)
+    model = copy.deepcopy(_model(models, "llama")).to(TRITON_DEVICE)
     contexts, responses, pairs = _workload()
     got = TeacherScorer(model, backend="tree", attn_backend="triton").score(contexts, responses, pairs)
     _assert_lists_close(got, _reference(model, contexts, responses, pairs)[0])
