@@ -24,7 +24,7 @@ from bench.common import machine_info, results_path, write_json  # noqa: E402
 from credit.config import TrainConfig  # noqa: E402
 from credit.trainer import ema_update, setup, train_step  # noqa: E402
 
-PHASES = ("time/generate", "time/env", "time/teacher", "time/update")
+PHASES = ("time/generate", "time/sync_weights", "time/env", "time/teacher", "time/update")
 
 
 def main(argv=None):
@@ -51,7 +51,8 @@ def main(argv=None):
     rows = []
     for step in range(args.steps + 1):
         t0 = time.perf_counter()
-        m = train_step(cfg, step, run.student, run.tokenizer, run.env, run.train_records, run.scorer, run.optimizer)
+        m = train_step(cfg, step, run.student, run.tokenizer, run.env, run.train_records, run.scorer, run.optimizer,
+                       sampler=run.sampler)
         if run.teacher is not None:
             ema_update(run.teacher, run.student, cfg.ema_rate)
         if device.type == "cuda":

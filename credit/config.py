@@ -17,6 +17,7 @@ from typing import Any
 METHODS = ("grpo", "sdpo", "credit")
 LEVELS = ("token", "topk")
 TEACHERS = ("ema", "frozen", "live")
+ROLLOUTS = ("auto", "hf", "vllm")
 
 
 def _f(default, help: str, **kw):
@@ -41,6 +42,10 @@ class TrainConfig:
     max_new_tokens: int = _f(32, "response length cap, tokens")
     temperature: float = _f(0.7, "sampling temperature of the rollouts")
     top_p: float = _f(1.0, "nucleus sampling of the rollouts (1 = off)")
+    rollout: str = _f("auto", "rollout sampler: auto (vllm when installed and the device is cuda, else hf) | hf "
+                              "(transformers generate) | vllm (a vLLM engine on the same GPU, synced every step)")
+    vllm_gpu_memory: float = _f(0.3, "--rollout vllm: fraction of the GPU's memory the vLLM engine takes (weights + "
+                                     "KV cache); the student, teacher and optimizer share the rest")
     # method
     method: str = _f("credit", "grpo (outcome advantages) | sdpo (r = a - s) | credit (r = a - s - lam (beta - s))")
     level: str = _f("token", "token: sampled-token rewards in a policy gradient; topk: logit-level divergence "
@@ -110,6 +115,13 @@ class TrainConfig:
             bad("top_p", "must be in (0, 1]")
         if self.lr <= 0:
             bad("lr", "must be > 0")
+        if self.rollout not in ROLLOUTS:
+            bad("rollout", f"must be one of {ROLLOUTS}")
+        if not 0.0 < self.vllm_gpu_memory < 1.0:
+            bad("vllm_gpu_memory", "must be in (0, 1)")
+        if self.rollout == "vllm" and self.device != "auto" and not self.device.startswith("cuda"):
+            raise ValueError(f"TrainConfig: --rollout vllm needs a CUDA device, got --device {self.device!r}; "
+                             "use --rollout hf (or auto)")
         if self.method == "credit" and self.prompts_per_step < 2:
             raise ValueError(
                 "TrainConfig: method='credit' needs partners from other prompts, so prompts_per_step must be >= 2; "

@@ -37,6 +37,7 @@ from credit.losses import (
 from credit.models import hidden_states, lm_head_weight, load_model, resolve_device, resolve_dtype
 from credit.pairing import partners as draw_partners
 from credit.rewards import sdpo_rewards
+from credit.rollouts import HFSampler, left_pad, make_sampler
 from credit.scorer import TeacherScorer
 from credit.templates import build_teacher_pairs, select_feedback
 from credit_kernels import credit_reward, linear_gather, linear_logprob, linear_topk
@@ -86,52 +87,17 @@ def prompt_ids(tokenizer, env, record) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[r, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _stop_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], num_samples: int, cfg: TrainConfig, *, greedy=False):
-    """num_samples responses per prompt (prompt-major order), each cut after its first stop token."""
-    device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, tokenizer.pad_token_id, device)
-    was_training = model.training
-    model.eval()
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-                         num_return_sequences=num_samples, pad_token_id=tokenizer.pad_token_id, **sampling)
-    model.train(was_training)
-    stops = _stop_ids(model, tokenizer)
-    responses = []
-    for row in out[:, ids.shape[1]:].tolist():  # one host sync for the whole batch
-        cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
-        responses.append(row[:cut])
-    return responses
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, env, records: list[dict], cfg: TrainConfig, batch: int = 32) -> float:
-    """Held-out accuracy with greedy decoding."""
+def evaluate(model, tokenizer, env, records: list[dict], cfg: TrainConfig, batch: int = 32, sampler=None) -> float:
+    """Held-out accuracy of `model` with greedy decoding, through `sampler` (default: transformers generate)."""
     if not records:
         return float("nan")
+    sampler = HFSampler(model, tokenizer, cfg) if sampler is None else sampler
+    sampler.sync_weights(model)
     hits = 0
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
-        outs = generate(model, tokenizer, [prompt_ids(tokenizer, env, r) for r in chunk], 1, cfg, greedy=True)
+        outs = sampler.sample([prompt_ids(tokenizer, env, r) for r in chunk], 1, greedy=True)
         hits += sum(env.score(r, tokenizer.decode(o, skip_special_tokens=True)).success for r, o in zip(chunk, outs))
     return hits / len(records)
 
@@ -206,7 +172,7 @@ def token_rewards(cfg: TrainConfig, batch: Batch, a, b, s, teacher_mask):
 def _sequences(batch: Batch, idx: list[int], device):
     """Padded prompt+response ids and, per response position, the target each position predicts."""
     seqs = [batch.prompts[i] + batch.responses[i] for i in idx]
-    ids, attn = _left_pad(seqs, 0, device)
+    ids, attn = left_pad(seqs, 0, device)
     width = batch.response_mask.shape[1]
     targets = torch.full_like(ids, -100)
     for r, i in enumerate(idx):
@@ -287,18 +253,22 @@ def ema_update(teacher, student, rate: float) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def rollout(cfg: TrainConfig, step: int, student, tokenizer, env, train: list[dict]):
-    """Sample and score P x G responses; returns (Batch, records, seconds spent in generate and env)."""
+def rollout(cfg: TrainConfig, step: int, student, tokenizer, env, train: list[dict], sampler=None):
+    """Sample and score P x G responses with `sampler` (default: transformers generate on the student);
+    returns (Batch, records, seconds spent in generate (incl. the weight sync) and env)."""
     t0 = time.perf_counter()
     records = step_records(train, step, cfg.prompts_per_step, cfg.seed)
     prompts = [prompt_ids(tokenizer, env, r) for r in records]
-    torch.manual_seed(cfg.seed * 1_000_003 + step)  # rollouts are a function of (seed, step): exact resume
-    responses = generate(student, tokenizer, prompts, cfg.rollouts_per_prompt, cfg)
+    sampler = HFSampler(student, tokenizer, cfg) if sampler is None else sampler
+    sampler.sync_weights(student)  # vLLM: push this step's weights; hf: generate runs on the student itself
+    t_sync = time.perf_counter()
+    # rollouts are a function of (seed, step): exact resume
+    responses = sampler.sample(prompts, cfg.rollouts_per_prompt, greedy=False, seed=cfg.seed * 1_000_003 + step)
     g = cfg.rollouts_per_prompt
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
     t1 = time.perf_counter()
     outcomes = [env.score(records[i // g], t) for i, t in enumerate(texts)]
-    times = {"time/generate": t1 - t0, "time/env": time.perf_counter() - t1}
+    times = {"time/generate": t1 - t0, "time/sync_weights": t_sync - t0, "time/env": time.perf_counter() - t1}
     width = max(1, max(len(r) for r in responses))
     mask = torch.zeros((len(responses), width))
     for i, r in enumerate(responses):
@@ -376,10 +346,11 @@ def topk_loss_fn(cfg: TrainConfig, student, batch: Batch, pairs, scorer, teacher
     return micro_loss, float(keep_rows.sum())
 
 
-def train_step(cfg: TrainConfig, step: int, student, tokenizer, env, train, scorer, optimizer) -> dict:
-    """One step: rollouts -> (teacher pass) -> update. Returns the step's metrics."""
+def train_step(cfg: TrainConfig, step: int, student, tokenizer, env, train, scorer, optimizer, sampler=None) -> dict:
+    """One step: rollouts (through `sampler`, default transformers generate) -> (teacher pass) -> update.
+    Returns the step's metrics."""
     device = next(student.parameters()).device
-    batch, records, times = rollout(cfg, step, student, tokenizer, env, train)
+    batch, records, times = rollout(cfg, step, student, tokenizer, env, train, sampler)
     t1 = time.perf_counter()
     batch.response_mask = batch.response_mask.to(device)
     grpo = grpo_advantages(batch.outcome, batch.group_ids).to(device)
@@ -481,7 +452,8 @@ def save_samples(cfg: TrainConfig, step: int, tokenizer, batch: Batch, rewards) 
 # ---------------------------------------------------------------------------------------------
 
 # fields that may differ between a checkpoint and the resuming command
-_RESUMABLE = {"max_steps", "resume", "progress", "logger", "eval_every", "save_every", "sample_every", "device"}
+_RESUMABLE = {"max_steps", "resume", "progress", "logger", "eval_every", "save_every", "sample_every", "device",
+              "vllm_gpu_memory"}
 
 
 def _check_resume_config(saved: dict, cfg: TrainConfig) -> None:
@@ -504,6 +476,7 @@ class Run:
     teacher: torch.nn.Module | None   # None: the live student is the teacher
     scorer: TeacherScorer
     optimizer: torch.optim.Optimizer
+    sampler: object                   # rollouts and evaluation: credit.rollouts.HFSampler or VLLMSampler
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -516,7 +489,9 @@ def setup(cfg: TrainConfig) -> Run:
     teacher = None if cfg.teacher == "live" else copy.deepcopy(student).requires_grad_(False).eval()
     scorer = TeacherScorer(teacher if teacher is not None else student, max_tokens=cfg.score_max_tokens)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return Run(env, train_records, heldout, student, tokenizer, teacher, scorer, optimizer)
+    sampler = make_sampler(cfg, student, tokenizer)  # after the student, so a vLLM engine sizes itself around it
+    print(f"credit: rollouts with {sampler.name} (--rollout {cfg.rollout})")
+    return Run(env, train_records, heldout, student, tokenizer, teacher, scorer, optimizer, sampler)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -535,7 +510,7 @@ def train(cfg: TrainConfig) -> dict:
         print(f"credit: resumed from {ckpt} (step {start})")
     logger = RunLogger(cfg.output, cfg.to_dict(), backend=cfg.logger, resume_step=start if ckpt else None)
     if start == 0:
-        acc = evaluate(student, tokenizer, env, heldout, cfg)
+        acc = evaluate(student, tokenizer, env, heldout, cfg, sampler=run.sampler)
         history["eval"].append((0, acc))
         logger.log(0, {"eval/accuracy": acc})
         print(f"held-out accuracy before training: {acc:.3f} ({len(heldout)} records)")
@@ -543,18 +518,19 @@ def train(cfg: TrainConfig) -> dict:
     bar = _progress(cfg, start)
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
-        metrics = train_step(cfg, step, student, tokenizer, env, run.train_records, run.scorer, optimizer)
+        metrics = train_step(cfg, step, student, tokenizer, env, run.train_records, run.scorer, optimizer,
+                             sampler=run.sampler)
         batch, rewards = metrics.pop("_batch"), metrics.pop("_rewards", None)
         if teacher is not None and cfg.teacher == "ema":
             ema_update(teacher, student, cfg.ema_rate)
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            metrics["eval/accuracy"] = evaluate(student, tokenizer, env, heldout, cfg)
+            metrics["eval/accuracy"] = evaluate(student, tokenizer, env, heldout, cfg, sampler=run.sampler)
             history["eval"].append((done, metrics["eval/accuracy"]))
         if cfg.sample_every and done % cfg.sample_every == 0:
             save_samples(cfg, done, tokenizer, batch, rewards)
         if done == cfg.max_steps:
-            metrics["eval/accuracy"] = evaluate(student, tokenizer, env, heldout, cfg)
+            metrics["eval/accuracy"] = evaluate(student, tokenizer, env, heldout, cfg, sampler=run.sampler)
             history["eval"].append((done, metrics["eval/accuracy"]))
         metrics["time/step"] = time.perf_counter() - t0
         logger.log(done, metrics)
@@ -566,7 +542,7 @@ def train(cfg: TrainConfig) -> dict:
     bar.close()
     logger.finish()
     plot_curves(logger.path, os.path.join(cfg.output, "curves.png"), title=f"{cfg.method} on {cfg.task}")
-    summary = {"method": cfg.method, "task": cfg.task, "steps": cfg.max_steps,
+    summary = {"method": cfg.method, "task": cfg.task, "steps": cfg.max_steps, "rollout": run.sampler.name,
                "accuracy_before": history["eval"][0][1] if history["eval"] and history["eval"][0][0] == 0 else None,
                "accuracy_after": history["eval"][-1][1] if history["eval"] else None, "eval": history["eval"]}
     with open(os.path.join(cfg.output, "summary.json"), "w") as f:

@@ -16,27 +16,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer random Llama with SmolLM2's tokenizer and chat template, saved like any local model."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from credit.models import embedded_gguf
-
-    path = tmp_path_factory.mktemp("tiny_llama")
-    directory, name = embedded_gguf()
-    tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def _cfg(model_dir, out, **kw):
     base = dict(model=model_dir, output=str(out), max_steps=2, prompts_per_step=3, rollouts_per_prompt=2,
                 max_new_tokens=6, micro_batch=4, eval_max=4, eval_every=0, save_every=0, sample_every=1,
