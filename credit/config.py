@@ -39,7 +39,7 @@ class TrainConfig:
     # rollouts
     prompts_per_step: int = _f(4, "P: prompts per step (CREDIT needs P >= 2 for partners)")
     rollouts_per_prompt: int = _f(4, "G: sampled responses per prompt (a group)")
-    max_new_tokens: int = _f(32, "response length cap, tokens")
+    max_new_tokens: int = _f(16, "response length cap, tokens (16 keeps the synthetic default answering first)")
     temperature: float = _f(0.7, "sampling temperature of the rollouts")
     top_p: float = _f(1.0, "nucleus sampling of the rollouts (1 = off)")
     rollout: str = _f("auto", "rollout sampler: auto (vllm when installed and the device is cuda, else hf) | hf "
