@@ -6,7 +6,7 @@ import argparse
 import os
 
 from credit.cli import command
-from credit.config import add_config_arguments, config_from_args
+from credit.config import TrainConfig, add_config_arguments, config_from_args
 
 
 @command("train", "train a policy with GRPO, SDPO or CREDIT (defaults: embedded SmolLM2-135M, task 'largest')",
@@ -24,7 +24,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="largest")
     p.add_argument("--data", default="", help="JSONL held-out records (default: the synthetic task's held-out split)")
     p.add_argument("--n-heldout", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=TrainConfig.max_new_tokens,
+                   help="response length cap (default: the same as credit train's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
 
@@ -34,7 +35,6 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from credit.checkpoint import latest_checkpoint
-    from credit.config import TrainConfig
     from credit.envs import get_task, load_jsonl
     from credit.models import load_model, resolve_device, resolve_dtype
     from credit.trainer import evaluate
