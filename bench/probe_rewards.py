@@ -67,6 +67,10 @@ FEEDBACK = {
     "should_reply": lambda t, r, g: f"You should have replied: {r['answer']}",
     "just": lambda t, r, g: f"Wrong answer. Reply with just the number {r['answer']}.",
     "none": lambda t, r, g: None,  # no environment text: only a successful sibling teaches
+    # the input named in the feedback too: the partner context (x_j, f_i) then also holds x_i's numbers, so
+    # restating one's own input stops earning a contrast a - beta > 0
+    "input_correct": lambda t, r, g: (f"Wrong answer for input {t.show_input(r['input'])}. "
+                                      f"The correct answer is {t.show_answer(r['answer'])}."),
 }
 
 
