@@ -205,8 +205,8 @@ def test_largest_scoring_and_feedback():
     assert task.score(rec, "The largest number is 7.").success  # lenient about the form
     assert task.score(rec, " **7**\n").success
     wrong = task.score(rec, "Among 3, 7 and 2 the largest is 7")  # the FIRST number is the answer
-    assert wrong == Outcome(0.0, False, "Wrong answer. The correct answer is 7.")
-    assert task.score(rec, "I don't know").feedback == "Wrong answer. The correct answer is 7."
+    assert wrong == Outcome(0.0, False, "Wrong answer for input [3, 7, 2]. The correct answer is 7.")
+    assert task.score(rec, "I don't know").feedback == "Wrong answer for input [3, 7, 2]. The correct answer is 7."
 
 
 def test_first_letter_scoring_and_feedback():
@@ -216,8 +216,8 @@ def test_first_letter_scoring_and_feedback():
     for ok in ("s", "S.", 'The first letter of the word "sea" is "s".', "It's **S**", "The answer is 'S'"):
         assert task.score(rec, ok).success, ok
     bad = task.score(rec, "The first letter of the word is a vowel, e")  # unquoted "a" is skipped
-    assert bad == Outcome(0.0, False, "Wrong answer. The correct answer is 's'.")
-    assert task.score(rec, "Sea is a word.").feedback == "Wrong answer. The correct answer is 's'."
+    assert bad == Outcome(0.0, False, "Wrong answer for input \"sea\". The correct answer is 's'.")
+    assert task.score(rec, "Sea is a word.").feedback == "Wrong answer for input \"sea\". The correct answer is 's'."
     apple = task.record("apple")
     assert task.score(apple, 'It is "a".').success and not task.score(apple, "It is a fruit.").success
 
@@ -228,7 +228,7 @@ def test_shortcut_task_partial_credit_and_feedback():
     assert task.score(rec, "Answer: 7") == Outcome(1.0, True, None)
     assert task.score(rec, "7").reward == 1.0
     hint = " Replies that begin with 'Answer:' earn partial credit."
-    feedback = "Wrong answer. The correct answer is 7." + hint
+    feedback = "Wrong answer for input [3, 7, 2]. The correct answer is 7." + hint
     assert task.score(rec, "Answer: 3") == Outcome(SHORTCUT_REWARD, False, feedback)
     assert task.score(rec, "3") == Outcome(0.0, False, feedback)
     assert task.uses_shortcut("  answer: x") and not task.uses_shortcut("The Answer: 7")
@@ -249,22 +249,21 @@ def test_splits_are_seeded_disjoint_and_correct(task):
 
 
 @pytest.mark.parametrize("task", [LargestTask(), FirstLetterTask(), LargestShortcutTask()], ids=lambda t: t.name)
-def test_feedback_never_primes_the_wrong_answer_or_echoes_the_input(task):
-    # The 135M self-teacher copies what its context shows: feedback that names the wrong answer ("got 3") or
-    # repeats the input makes the teacher reward exactly those tokens (bench/probe_rewards.py, module docstring).
+def test_feedback_names_the_input_and_answer_never_the_wrong_answer(task):
+    # The 135M self-teacher copies what its context shows: feedback that names the wrong answer ("got 3") makes
+    # the teacher reward it; the input is named so that CREDIT's partner context holds it too (module docstring).
     split = task.splits(seed=0, n_heldout=40)
     for rec in split.heldout:
-        shown = rec["input"] if isinstance(rec["input"], list) else [rec["input"]]
-        wrongs = [str(v) for v in shown if str(v) != rec["answer"]] if isinstance(task, LargestTask) else (
+        prefix = f"Wrong answer for input {task.show_input(rec['input'])}. The correct answer is "
+        wrongs = [str(v) for v in rec["input"] if str(v) != rec["answer"]] if isinstance(task, LargestTask) else (
             [ch for ch in "abcdefghijklmnopqrstuvwyz" if ch != rec["answer"]][:3])
         for wrong in wrongs:
-            fb = task.score(rec, wrong).feedback
-            assert fb.startswith("Wrong answer. The correct answer is ") and rec["answer"] in fb
-            assert f" {wrong}." not in fb and f"'{wrong}'" not in fb, (rec, wrong, fb)
-            if isinstance(task, LargestTask):
-                assert not set(re.findall(r"\d+", fb)) - {rec["answer"]}, fb  # the only number is the answer
+            fb = task.score(rec, f"The answer is {wrong}").feedback
+            assert fb.startswith(prefix) and task.parse(fb[len(prefix):]) == rec["answer"], fb
+            if isinstance(task, LargestTask):  # numbers: the input's three, then the answer, nothing else
+                assert re.findall(r"\d+", fb)[:4] == [*map(str, rec["input"]), rec["answer"]], fb
             else:
-                assert rec["input"] not in fb
+                assert f"'{wrong}'" not in fb, (rec, wrong, fb)
 
 
 def test_first_letter_inputs_cover_many_letters():

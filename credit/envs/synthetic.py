@@ -6,19 +6,15 @@ lenient about the form but strict about the content: the FIRST number (``largest
 word (``first_letter``; "a" and "I" used as English words are skipped) anywhere in the response is the
 answer. A model that rambles "The largest number is 7" is right; one that repeats the question first
 ("3, 7 and 2: ...") is wrong, and learns to answer first.
-Every answer depends on the input. The feedback of a wrong response names the correct answer and nothing else:
-``Wrong answer. The correct answer is 7.`` It deliberately repeats neither the wrong answer nor the input. The
-135M self-teacher copies numbers from its context: with the earlier failing-test text ``Expected 7 for input
-[3, 7, 2], got 3.`` it raised the WRONG answer "3" because the feedback says "got 3" (SDPO reward +0.9 on it),
-and it raised echoes of the input; under CREDIT's default ``swap="input"`` the partner context keeps the same
-feedback, so echoing one's own input earned a positive contrast a - beta. Measured with
-``bench/probe_rewards.py`` (2-core CPU, 64 rollouts of the untrained model, 16 new tokens): the SDPO reward
-on the answer token of correct minus wrong responses rises from +0.36 to +1.12 and CREDIT's from +0.44 to
-+0.60; the teacher's own greedy answer in its feedback context is right 100% of the time instead of 60%.
-Default runs, 20 steps, held-out greedy accuracy, seed 0, same machine: with this text and 16 new tokens sdpo
-0.656 -> 0.891, credit 0.656 -> 0.859, grpo 0.656 -> 0.766; with this text and 32 tokens credit 0.656 -> 0.609;
-with the old text and 32 tokens sdpo 0.422, credit 0.516. Credit with seed 1 (16 tokens): 0.625 -> 0.641. Both
-credit runs dip to about 0.4 at step 10, so CREDIT's gain on this model is not yet robust.
+Every answer depends on the input. The feedback of a wrong response reads like a failing test that names the
+input and the expected answer but never the wrong answer: ``Wrong answer for input [3, 7, 2]. The correct answer
+is 7.`` Both choices were measured with ``bench/probe_rewards.py`` (rewards of one batch of untrained rollouts)
+and with training runs (README, "What the default run does"). The 135M self-teacher copies what its context
+shows: the earlier text ``Expected 7 for input [3, 7, 2], got 3.`` made it raise the WRONG answer "3" (SDPO
+reward +0.9 on it); without the input in the feedback, CREDIT's partner context (x_j, f_i) under the default
+``swap="input"`` holds none of x_i's numbers, so restating one's own input earned a large contrast a - beta
+(+0.9 on a wrong answer that is an input number, +3 on echoed question tokens) and runs drifted into
+restating the question. Naming the input in f halves that (+0.44) while the teacher still copies the answer.
 
 Tasks:
 
@@ -152,7 +148,9 @@ class SyntheticTask:
         return dict(record)
 
     def _wrong(self, record: Mapping[str, Any], got: str | None) -> str:
-        return f"Wrong answer. The correct answer is {self.show_answer(record['answer'])}."
+        # `got` is deliberately unused: a teacher shown the wrong answer copies it (module docstring)
+        return (f"Wrong answer for input {self.show_input(record['input'])}. "
+                f"The correct answer is {self.show_answer(record['answer'])}.")
 
     def score(self, record: Mapping[str, Any], response: str) -> Outcome:
         got = self.parse(response)
