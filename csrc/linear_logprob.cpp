@@ -120,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> linear_logprob_bwd_cpu(
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy, double temperature,
     int64_t ignore_index, bool needs_hidden_grad, bool needs_weight_grad, int64_t chunk_rows) {
   check_inputs(hidden, weight, targets);
-  const int64_t n = hidden.size(0), vocab = weight.size(0), d = hidden.size(1);
+  const int64_t n = hidden.size(0), vocab = weight.size(0);
   const auto acc = acc_type(hidden);
   auto as_acc = [&](const c10::optional<at::Tensor>& g, const char* name) -> at::Tensor {
     if (!g.has_value() || !g->defined()) return at::Tensor();
@@ -130,33 +130,16 @@ std::tuple<at::Tensor, at::Tensor> linear_logprob_bwd_cpu(
   const at::Tensor gl = as_acc(grad_logp, "grad_logp"), ge = as_acc(grad_entropy, "grad_entropy"),
                    gs = as_acc(grad_lse, "grad_lse");
   TORCH_CHECK(!ge.defined() || entropy.size(0) == n, "entropy from the forward is needed for grad_entropy");
-  at::Tensor d_hidden = needs_hidden_grad ? at::empty({n, d}, hidden.options().dtype(acc)) : at::empty({0}, hidden.options());
-  at::Tensor d_weight = needs_weight_grad ? at::zeros({vocab, d}, weight.options().dtype(acc)) : at::empty({0}, weight.options());
-  if (n == 0 || (!needs_hidden_grad && !needs_weight_grad)) {
-    return {needs_hidden_grad ? d_hidden.to(hidden.scalar_type()) : d_hidden,
-            needs_weight_grad ? d_weight.to(weight.scalar_type()) : d_weight};
-  }
-  const at::Tensor w = weight.to(acc).contiguous();
   const at::Tensor tgt = targets.contiguous(), lse_c = lse.to(acc).contiguous();
   const at::Tensor ent_c = ge.defined() ? entropy.to(acc).contiguous() : at::Tensor();
-  const int64_t step = pick_chunk(chunk_rows, vocab);
-  for (int64_t start = 0; start < n; start += step) {
-    const int64_t rows = std::min(step, n - start);
-    const at::Tensor h = hidden.narrow(0, start, rows).to(acc);
-    at::Tensor z = at::mm(h, w.t()).contiguous();
+  return chunked_linear_backward(hidden, weight, needs_hidden_grad, needs_weight_grad, chunk_rows,
+                                 [&](at::Tensor& z, int64_t start, int64_t rows) {
     AT_DISPATCH_FLOATING_TYPES(acc, "linear_logprob_bwd_cpu", [&] {
       auto ptr = [&](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() + start : nullptr; };
       bwd_rows<scalar_t>(z.data_ptr<scalar_t>(), rows, vocab, tgt.data_ptr<int64_t>() + start, ignore_index,
                          1.0 / temperature, lse_c.data_ptr<scalar_t>() + start, ptr(ent_c), ptr(gl), ptr(ge), ptr(gs));
     });
-    if (needs_hidden_grad) {
-      at::Tensor out = d_hidden.narrow(0, start, rows);
-      at::mm_out(out, z, w);
-    }
-    if (needs_weight_grad) d_weight.addmm_(z.t(), h);
-  }
-  return {needs_hidden_grad ? d_hidden.to(hidden.scalar_type()) : d_hidden,
-          needs_weight_grad ? d_weight.to(weight.scalar_type()) : d_weight};
+  });
 }
 
 }  // namespace

@@ -226,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> linear_logits_bwd_cpu(
     const c10::optional<at::Tensor>& coef_rest, double temperature, bool needs_hidden_grad, bool needs_weight_grad,
     int64_t chunk_rows) {
   check_matrices(hidden, weight);
-  const int64_t n = hidden.size(0), vocab = weight.size(0), d = hidden.size(1);
+  const int64_t n = hidden.size(0), vocab = weight.size(0);
   check_ids(ids, n);
   const int64_t k = ids.size(1);
   CHECK_SHAPE(fix, n, k);
@@ -237,14 +237,7 @@ std::tuple<at::Tensor, at::Tensor> linear_logits_bwd_cpu(
               "lse_rest and coef_rest must be given together");
   const auto acc = acc_type(hidden);
   auto as_acc = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
-  at::Tensor d_hidden = needs_hidden_grad ? at::empty({n, d}, hidden.options().dtype(acc)) : at::empty({0}, hidden.options());
-  at::Tensor d_weight = needs_weight_grad ? at::zeros({vocab, d}, weight.options().dtype(acc)) : at::empty({0}, weight.options());
-  if (n == 0 || (!needs_hidden_grad && !needs_weight_grad)) {
-    return {needs_hidden_grad ? d_hidden.to(hidden.scalar_type()) : d_hidden,
-            needs_weight_grad ? d_weight.to(weight.scalar_type()) : d_weight};
-  }
-  const at::Tensor w = as_acc(weight), ids_c = ids.contiguous(), fix_c = as_acc(fix), lse_c = as_acc(lse),
-                   coef_c = as_acc(coef);
+  const at::Tensor ids_c = ids.contiguous(), fix_c = as_acc(fix), lse_c = as_acc(lse), coef_c = as_acc(coef);
   at::Tensor lr_c, cr_c;
   if (has_rest) {
     CHECK_SHAPE(*lse_rest, n);
@@ -252,25 +245,15 @@ std::tuple<at::Tensor, at::Tensor> linear_logits_bwd_cpu(
     lr_c = as_acc(*lse_rest);
     cr_c = as_acc(*coef_rest);
   }
-  const int64_t step = pick_chunk(chunk_rows, vocab);
-  for (int64_t start = 0; start < n; start += step) {
-    const int64_t rows = std::min(step, n - start);
-    const at::Tensor h = hidden.narrow(0, start, rows).to(acc);
-    at::Tensor z = at::mm(h, w.t()).contiguous();
+  return chunked_linear_backward(hidden, weight, needs_hidden_grad, needs_weight_grad, chunk_rows,
+                                 [&](at::Tensor& z, int64_t start, int64_t rows) {
     AT_DISPATCH_FLOATING_TYPES(acc, "linear_logits_bwd_cpu", [&] {
       auto rowp = [&](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() + start : nullptr; };
       bwd_rows<scalar_t>(z.data_ptr<scalar_t>(), rows, vocab, k, ids_c.data_ptr<int64_t>() + start * k,
                          fix_c.data_ptr<scalar_t>() + start * k, 1.0 / temperature, rowp(lse_c), rowp(coef_c),
                          rowp(lr_c), rowp(cr_c));
     });
-    if (needs_hidden_grad) {
-      at::Tensor out = d_hidden.narrow(0, start, rows);
-      at::mm_out(out, z, w);
-    }
-    if (needs_weight_grad) d_weight.addmm_(z.t(), h);
-  }
-  return {needs_hidden_grad ? d_hidden.to(hidden.scalar_type()) : d_hidden,
-          needs_weight_grad ? d_weight.to(weight.scalar_type()) : d_weight};
+  });
 }
 
 }  // namespace
