@@ -23,8 +23,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench import shapes as shape_registry  # noqa: E402
-from bench.common import add_floor_ratios, machine_info, measure, plot_results, results_path, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_floor_ratios,
+    add_logit_arguments,
+    logit_case_modes,
+    logit_run,
+    machine_info,
+    measure,
+    plot_results,
+    results_path,
+    write_json,
+)
 from credit_kernels import linear_logprob, linear_logprob_ref  # noqa: E402
 
 PROVIDERS = ["matmul", "naive", "chunked", "compiled", "torch_lce", "liger", "cce", "credit"]
@@ -191,24 +200,11 @@ def run_case(case, providers, modes, dtype, device, check_errors=True):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shapes", choices=["gpu", "cpu", "smoke"], default=None, help="shape set (default by device)")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, for CI")
-    p.add_argument("--modes", default="fwd,fwdbwd")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list from {sorted(LOGPROB_FNS)} + matmul")
-    p.add_argument("--dtype", default=None, help="bf16 (GPU default), fp16 or fp32 (CPU default)")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/logprob_<card>.json)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--cases", default=None, help="comma list of NxdxV to run from the shape set (default: all)")
+    add_logit_arguments(p, name="logprob", providers=PROVIDERS,
+                        providers_help=f"comma list from {sorted(LOGPROB_FNS)} + matmul")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    shape_set = "smoke" if args.smoke else (args.shapes or ("gpu" if device.type == "cuda" else "cpu"))
-    cases = {"gpu": shape_registry.LOGPROB_GPU, "cpu": shape_registry.LOGPROB_CPU,
-             "smoke": shape_registry.LOGPROB_SMOKE}[shape_set]
-    cases = shape_registry.select(cases, args.cases)
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    dtype = dtypes[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    device, shape_set, cases, dtype = logit_run(args)
     modes = args.modes.split(",")
     providers = args.providers.split(",")
     meta = machine_info(device)
@@ -218,9 +214,7 @@ def main(argv=None):
     results = []
     for case in cases:
         print(f"N={case[0]} d={case[1]} V={case[2]} {dtype} on {meta['card']}")
-        case_modes = [m for m in modes if m == "fwd" or device.type != "cuda" or shape_set != "gpu"
-                      or case in shape_registry.LOGPROB_GPU_BWD]
-        results += run_case(case, providers, case_modes, dtype, device)
+        results += run_case(case, providers, logit_case_modes(modes, case, device, shape_set), dtype, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     write_json(out, meta, results)

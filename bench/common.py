@@ -159,3 +159,39 @@ def results_path(meta: dict, name: str, suffix: str = ".json") -> str:
     """bench/results/<name>_<card>.json"""
     card = meta["card"].replace(" ", "_").replace("(", "").replace(")", "")
     return os.path.join(ROOT, "bench", "results", f"{name}_{card}{suffix}")
+
+
+# ---- the logit-level benchmarks (bench_logprob.py, bench_topk.py): one command line, one shape registry ----
+
+
+def add_logit_arguments(p, *, name: str, providers: list[str], providers_help: str) -> None:
+    """The flags bench_logprob.py and bench_topk.py share (each adds its own beside them)."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", choices=["gpu", "cpu", "smoke"], default=None, help="shape set (default by device)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, for CI")
+    p.add_argument("--modes", default="fwd,fwdbwd")
+    p.add_argument("--providers", default=",".join(providers), help=providers_help)
+    p.add_argument("--dtype", default=None, help="bf16 (GPU default), fp16 or fp32 (CPU default)")
+    p.add_argument("--out", default=None, help=f"JSON path (default bench/results/{name}_<card>.json)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--cases", default=None, help="comma list of NxdxV to run from the shape set (default: all)")
+
+
+def logit_run(args) -> tuple[torch.device, str, list[tuple[int, int, int]], torch.dtype]:
+    """(device, shape set, its selected (N, d, V) cases, dtype) from the shared flags."""
+    from bench import shapes
+
+    device = torch.device(args.device)
+    shape_set = "smoke" if args.smoke else (args.shapes or ("gpu" if device.type == "cuda" else "cpu"))
+    cases = {"gpu": shapes.LOGPROB_GPU, "cpu": shapes.LOGPROB_CPU, "smoke": shapes.LOGPROB_SMOKE}[shape_set]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = dtypes[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    return device, shape_set, shapes.select(cases, args.cases), dtype
+
+
+def logit_case_modes(modes: list[str], case, device: torch.device, shape_set: str) -> list[str]:
+    """The modes to run for one case: on the GPU set, fwd+bwd only at ANCHORS.md's backward shapes."""
+    from bench import shapes
+
+    return [m for m in modes if m == "fwd" or device.type != "cuda" or shape_set != "gpu"
+            or case in shapes.LOGPROB_GPU_BWD]
