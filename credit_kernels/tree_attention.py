@@ -268,24 +268,12 @@ def _(q, k, v, visible_end, block_ptr, block_idx, scale, block_m, block_n, q_blo
 
 @torch.library.custom_op("credit::tree_attention_backward", mutates_args=())
 def _tree_attention_backward_op(
-    grad_out: torch.Tensor,
-    grad_lse: Optional[torch.Tensor],
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    visible_end: torch.Tensor,
-    block_ptr: torch.Tensor,
-    block_idx: torch.Tensor,
-    q_block_ptr: Optional[torch.Tensor],
-    q_block_idx: Optional[torch.Tensor],
-    scale: float,
-    block_m: int,
-    block_n: int,
-    needs_q_grad: bool,
-    needs_kv_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    visible_end: torch.Tensor, block_ptr: torch.Tensor, block_idx: torch.Tensor,
+    q_block_ptr: Optional[torch.Tensor], q_block_idx: Optional[torch.Tensor],
+    scale: float, block_m: int, block_n: int, needs_q_grad: bool, needs_kv_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dq [U, Hq, D] or [0], dk, dv [U, Hkv, D] or [0]) in the inputs' dtypes; grad_lse None: lse unused."""
     if q.device.type == "cpu" and not _interpreting():
         dq, dk, dv = _tree_attention_bwd_torch(grad_out, grad_lse, q, k, v, out, lse, visible_end, scale)
@@ -318,28 +306,19 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, visible_end, block_ptr, block_idx, q_block_ptr, q_block_idx = ctx.saved_tensors
-    needs_dq = ctx.needs_input_grad[0]
+    needs_dq = ctx.needs_input_grad[0]  # autograd calls this only when one of q, k, v needs a gradient
     needs_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    dq = dk = dv = None
-    if needs_dq or needs_dkv:
-        if grad_out is None:  # only lse was used
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv = _tree_attention_backward_op(
-            grad_out, grad_lse, q, k, v, out, lse, visible_end, block_ptr, block_idx, q_block_ptr, q_block_idx,
-            *ctx.args, needs_dq, needs_dkv,
-        )  # fmt: skip
+    if grad_out is None:  # autograd materialises unused outputs' gradients as zeros; guard anyway
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _tree_attention_backward_op(
+        grad_out, grad_lse, q, k, v, out, lse, visible_end, block_ptr, block_idx, q_block_ptr, q_block_idx,
+        *ctx.args, needs_dq, needs_dkv,
+    )  # fmt: skip
     return (
-        dq if needs_dq else None,
-        dk if ctx.needs_input_grad[1] else None,
-        dv if ctx.needs_input_grad[2] else None,
-        None,  # visible_end
-        None,  # block_ptr
-        None,  # block_idx
-        None,  # scale
-        None,  # block_m
-        None,  # block_n
-        None,  # q_block_ptr
-        None,  # q_block_idx
+        dq if needs_dq else None, dk if ctx.needs_input_grad[1] else None, dv if ctx.needs_input_grad[2] else None,
+        None, None, None,  # visible_end, block_ptr, block_idx
+        None, None, None,  # scale, block_m, block_n
+        None, None,  # q_block_ptr, q_block_idx
     )
 
 

@@ -294,6 +294,11 @@ def test_opcheck_forward_with_autograd_and_backward_op():
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
         dq, dk, dv = torch.ops.credit.tree_attention_backward(*bargs)
         assert dq.shape == (q.shape if needs_q else (0,)) and dk.shape == dv.shape == (k.shape if needs_kv else (0,))
+    # no lse gradient (HAS_DLSE off in the kernel) is a zero lse gradient
+    bargs = (g_out, None, q, k, v, out, lse, *args[3:6], *args[9:11], *args[6:9], True, True)
+    none = torch.ops.credit.tree_attention_backward(*bargs)
+    zero = torch.ops.credit.tree_attention_backward(g_out, torch.zeros_like(lse), *bargs[2:])
+    assert all(torch.equal(a, b) for a, b in zip(none, zero))
 
 
 def test_op_cpu_path_without_interpreter(monkeypatch):
