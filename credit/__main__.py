@@ -1,5 +1,5 @@
 import sys
 
-from credit.cli import main
+from credit.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

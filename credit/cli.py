@@ -1,8 +1,9 @@
 """The `credit` command: `credit env`, `credit train`, `credit eval`, `credit viz`.
 
-A user error (a bad flag value, a missing data file, a directory that is not a model) prints one line,
-`credit <command>: error: <what is wrong and what to do>`, to stderr and exits with status 2. `--debug` (or
-CREDIT_DEBUG=1) shows the traceback instead. Errors that are not the user's (bugs) always keep their traceback.
+The executable (`console_main`): a user error (a bad flag value, a missing data file, a directory that is not a
+model) prints one line, `credit <command>: error: <what is wrong and what to do>`, to stderr and exits with status
+2. `--debug` (or CREDIT_DEBUG=1) shows the traceback instead. Errors that are not the user's (bugs) always keep
+their traceback. `main(argv)` is the programmatic entry: the same commands, errors raised as exceptions.
 """
 
 from __future__ import annotations
@@ -67,11 +68,10 @@ def _debug_requested(args: argparse.Namespace | None) -> bool:
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text
+    return " ".join(str(e).split()) or type(e).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     _load_subcommands()
     parser = _Parser(prog="credit", description="CREDIT: fused kernels and a compact trainer")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (or CREDIT_DEBUG=1)")
@@ -86,6 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the subcommand's parser, so the message names `credit <command>`
         parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; user errors propagate as exceptions (the programmatic entry: tests, notebooks)."""
+    args = _parse(argv)
+    return _COMMANDS[args.command][2](args)
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The `credit` executable: a user error becomes one line on stderr and exit status 2."""
+    args = _parse(argv)
     try:
         return _COMMANDS[args.command][2](args)
     except (UsageError, *USER_ERRORS) as e:
@@ -96,4 +108,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
