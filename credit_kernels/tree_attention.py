@@ -25,19 +25,17 @@ for one raises NotImplementedError; use backend="torch" (or "flex") when a gradi
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import NamedTuple
 
 import torch
 
-try:
+from credit_kernels import _core
+from credit_kernels._core import HAS_TRITON, INTERPRET
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is a pinned requirement, but keep the package importable
-    HAS_TRITON = False
 
 # One fixed config (DESIGN: autotuning only behind CREDIT_AUTOTUNE=1). 64 x 64 tiles, 4 warps, 2 stages is
 # the usual flash-attention forward point for head dims 64/128 on sm_90; not yet tuned on a card.
@@ -50,10 +48,6 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BACKENDS = ("auto", "triton", "flex", "torch")
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class TreeAttentionOutput(NamedTuple):
@@ -202,7 +196,7 @@ def _tree_attention_fwd(q, k, v, plan: TreeAttentionPlan, scale: float):
     lse = torch.empty((u, hq), dtype=torch.float32, device=q.device)
     if u == 0:
         return out, lse
-    interp = _interpreting()
+    interp = INTERPRET
     grid = (plan.block_ptr.numel() - 1, hq)
     _tree_attention_fwd_kernel[grid](
         q, k, v, plan.visible_end, plan.block_ptr, plan.block_idx, out, lse,
@@ -233,7 +227,7 @@ def _tree_attention_op(
     block_n: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     plan = TreeAttentionPlan(visible_end, block_ptr, block_idx, block_m, block_n)
-    if q.device.type == "cpu" and not _interpreting():  # CPU tensors run the reference, unless interpreting
+    if q.device.type == "cpu" and not INTERPRET:  # CPU tensors run the reference, unless interpreting
         out, lse = tree_attention_ref(q, k, v, visible_end, scale=scale)
         return out, lse
     return _tree_attention_fwd(q, k, v, plan, scale)
@@ -433,7 +427,7 @@ def tree_attention_plan(
     return _build_plan(ve, BLOCK_M, BLOCK_N)
 
 
-def _check(q, k, v, ve, backend):
+def _check(q, k, v, ve):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"tree_attention: {name} must be a torch.Tensor; got {type(x)}")
@@ -457,17 +451,18 @@ def _check(q, k, v, ve, backend):
     if len({q.device, k.device, v.device, ve.device}) != 1:
         raise ValueError(f"tree_attention: q, k, v and tree.visible_end must share a device; got q {q.device}, "
                          f"k {k.device}, v {v.device}, visible_end {ve.device}")
-    if backend == "triton":
-        if q.device.type == "cpu" and not _interpreting():
-            raise ValueError("tree_attention: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                             "triton is imported to run on CPU; got CPU tensors. Use backend='torch' on CPU.")
-        if not HAS_TRITON:
-            raise ValueError("tree_attention: backend='triton' needs the triton package, which is not installed")
-        if q.is_cuda and d not in GPU_HEAD_DIMS:
-            raise ValueError(f"tree_attention: backend='triton' supports head dim D in {GPU_HEAD_DIMS} on GPU; got "
-                             f"D={d}. Use backend='flex' or 'torch'.")
-        if d < 16 or d & (d - 1):
-            raise ValueError(f"tree_attention: backend='triton' needs a power-of-2 head dim >= 16; got D={d}")
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """auto: CUDA -> "triton" for the head dims it supports, else "flex"; CPU -> "torch"."""
+    d = q.shape[-1]
+    why = None
+    if q.is_cuda and d not in GPU_HEAD_DIMS:
+        why = f"supports head dim D in {GPU_HEAD_DIMS} on GPU; got D={d}. Use backend='flex' or 'torch'"
+    elif d < 16 or d & (d - 1):
+        why = f"needs a power-of-2 head dim >= 16; got D={d}"
+    return _core.resolve_backend("tree_attention", backend, q.device, choices=_BACKENDS, triton_unsupported=why,
+                                 fallback="flex" if q.is_cuda else "torch")
 
 
 def tree_attention(
@@ -490,9 +485,12 @@ def tree_attention(
             across layers), or any object with `visible_end` [U] int32/int64. A CPU visible_end is
             copied to q's device (once per call: prefer a plan on the device in a model's layers).
         scale: softmax scale, default D ** -0.5.
-        backend: "auto" (CUDA: "triton" for D in {64, 128}, else "flex"; CPU: "torch"), "triton"
+        backend: "auto" (CUDA: "triton" for D in GPU_HEAD_DIMS, else "flex"; CPU: "torch"), "triton"
             (CUDA, or CPU under TRITON_INTERPRET=1), "flex" (FlexAttention), "torch" (reference).
         check_inputs: validate visible_end's values (one device sync); False for hot loops.
+
+    q, k, v and visible_end may have any strides. Under torch.autocast, q, k and v are cast to the autocast dtype
+    first and the output comes back in it, as scaled_dot_product_attention does; lse stays fp32 (docs/kernels.md).
 
     Returns:
         TreeAttentionOutput(out [U, Hq, D] in q's dtype, lse [U, Hq] fp32 natural-log logsumexp of
@@ -501,21 +499,23 @@ def tree_attention(
     if backend not in _BACKENDS:
         raise ValueError(f"tree_attention: backend must be one of {_BACKENDS}; got {backend!r}")
     ve = _visible_end_of(tree)
+    q, k, v = _core.autocast_operands(q, k, v)  # as scaled_dot_product_attention under autocast
     on_cuda = isinstance(q, torch.Tensor) and q.is_cuda
     if isinstance(tree, TreeAttentionPlan) and on_cuda and not tree.block_ptr.is_cuda:
         raise ValueError("tree_attention: the TreeAttentionPlan lives on the CPU but q is on CUDA; build it with "
                          "tree_attention_plan(trie, device=q.device)")
     if on_cuda and ve.device.type == "cpu":  # PrefixTrie is built on the host
         ve = ve.to(q.device, non_blocking=True)
-    if backend == "auto":
-        if on_cuda:
-            backend = "triton" if q.shape[-1] in GPU_HEAD_DIMS else "flex"
-        else:
-            backend = "torch"
-    _check(q, k, v, ve, backend)
+    _check(q, k, v, ve)
+    backend = _resolve_backend(backend, q)
     if check_inputs and not isinstance(tree, TreeAttentionPlan):  # a plan was checked when it was built
         _check_visible_end_values(ve)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _run_backend(backend, q, k, v, ve, tree, scale)
+
+
+@_core.no_autocast  # the inputs are already in the dtype to compute from; the reference's matmuls stay in it
+def _run_backend(backend: str, q, k, v, ve, tree, scale: float) -> TreeAttentionOutput:
     if backend == "torch":
         return tree_attention_ref(q, k, v, ve, scale=scale)
     if backend == "flex":
@@ -523,6 +523,7 @@ def tree_attention(
             return TreeAttentionOutput(torch.empty_like(q), q.new_empty((0, q.shape[1]), dtype=torch.float32))
         return _tree_attention_flex(q, k, v, ve, scale)
     plan = tree if isinstance(tree, TreeAttentionPlan) else _build_plan(ve, BLOCK_M, BLOCK_N)
+    q, k, v = (_core.unit_stride_last(x) for x in (q, k, v))  # the kernel's one layout need (any other strides)
     out, lse = _tree_attention_op(q, k, v, plan.visible_end, plan.block_ptr, plan.block_idx, scale,
                                   plan.block_m, plan.block_n)
     return TreeAttentionOutput(out, lse)
