@@ -2,10 +2,12 @@
 
     python bench/bench_tree_attention.py               # GPU: the workloads below; CPU: one tiny case (CI)
     python bench/bench_tree_attention.py --quick       # GPU: smaller workloads
+    python bench/bench_tree_attention.py --mode fwd+bwd   # forward + backward of q, k, v (random upstream gradient)
 
 Providers:
     tree_triton   credit tree_attention, Triton kernel, plan (block lists) built once outside the timing
-    tree_flex     credit tree_attention, FlexAttention (compiled on GPU), BlockMask built once outside
+    tree_flex     credit tree_attention, FlexAttention (compiled on GPU), plan with its BlockMask built once outside
+                  (CPU fwd+bwd: torch has no CPU flex backward, so it is recorded as an error)
     tree_torch    the chunked dense-mask reference (CPU only: it is O(U^2) work)
     sdpa_padded   every sequence expanded (shared prefixes recomputed), padded to the longest, SDPA causal
 
@@ -15,9 +17,10 @@ Workloads (teacher scoring shapes, Qwen2-1.5B attention: Hq=12, Hkv=2, D=128, bf
     sdpo      8 prompts (1024) x 2 feedback contexts (own group and one partner, M=1), each a shared
               sibling solution (600) over 7 failing responses with long-tailed lengths (64..4096).
 
-Output: JSON lines in bench/results/tree_attention_<device>.jsonl, one per (workload, provider), with
-card, versions, commit, shape, times (20/50/80 % quantiles, ms), peak MiB, the attended key count and
-the "matmul floor": the attended FLOPs at this card's measured bf16 matmul rate.
+Output: JSON lines in bench/results/tree_attention_<device>.jsonl (fwd+bwd: tree_attention_bwd_<device>.jsonl),
+one per (workload, provider), with card, versions, commit, shape, mode, times (20/50/80 % quantiles, ms), peak
+MiB, the attended key count and the "matmul floor": the attended FLOPs (fwd: QK^T, PV; fwd+bwd: those and the
+backward's five, 3.5x) at this card's measured bf16 matmul rate.
 """
 
 from __future__ import annotations
@@ -34,13 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from credit_kernels.tree_attention import (  # noqa: E402
-    _flex_block_mask,
-    _tree_attention_flex,
-    tree_attention,
-    tree_attention_plan,
-    tree_attention_ref,
-)
+from credit_kernels.tree_attention import tree_attention, tree_attention_plan, tree_attention_ref  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -89,26 +86,40 @@ def tiny_tree():
 # ---------------------------------------------------------------------------------------------------------------------
 # providers
 # ---------------------------------------------------------------------------------------------------------------------
-def setup(ve, seqs, provider, *, hq, hkv, d, dtype, device):
-    """Inputs for one provider; returns a zero-argument callable that runs the attention."""
+def setup(ve, seqs, provider, *, hq, hkv, d, dtype, device, mode="fwd"):
+    """Inputs for one provider; returns a zero-argument callable that runs the attention (and its backward)."""
     u = ve.numel()
-    q, k, v = (torch.randn(u, h, d, device=device, dtype=dtype) for h in (hq, hkv, hkv))
+    grad = mode == "fwd+bwd"
     ve = ve.to(device)
-    if provider == "tree_triton":
-        plan = tree_attention_plan(type("T", (), {"visible_end": ve})())
-        return lambda: tree_attention(q, k, v, plan, backend="triton")
-    if provider == "tree_flex":
-        bm = _flex_block_mask(ve)
-        return lambda: _tree_attention_flex(q, k, v, ve, d**-0.5, block_mask=bm)
-    if provider == "tree_torch":
-        return lambda: tree_attention_ref(q, k, v, ve)
     if provider == "sdpa_padded":
         lmax = max(len(s) for s in seqs)
         b = len(seqs)
         # padded per-sequence batch; right padding is never attended by real rows under is_causal
-        qp, kp, vp = (torch.randn(b, h, lmax, d, device=device, dtype=dtype) for h in (hq, hkv, hkv))
-        return lambda: torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
-    raise ValueError(f"unknown provider {provider!r}")
+        qkv = [torch.randn(b, h, lmax, d, device=device, dtype=dtype, requires_grad=grad) for h in (hq, hkv, hkv)]
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        fn = lambda: (sdpa(*qkv, is_causal=True, enable_gqa=True),)  # noqa: E731
+    else:
+        qkv = [torch.randn(u, h, d, device=device, dtype=dtype, requires_grad=grad) for h in (hq, hkv, hkv)]
+        if provider in ("tree_triton", "tree_flex"):
+            backend = provider[len("tree_"):]
+            plan = tree_attention_plan(type("T", (), {"visible_end": ve})(), backend=backend)
+            fn = lambda: tree_attention(*qkv, plan, backend=backend)  # noqa: E731
+        elif provider == "tree_torch":
+            fn = lambda: tree_attention_ref(*qkv, ve)  # noqa: E731
+        else:
+            raise ValueError(f"unknown provider {provider!r}")
+    if not grad:
+        return fn
+    g = None
+
+    def fwd_bwd():
+        nonlocal g
+        out = fn()[0]
+        g = torch.randn_like(out) if g is None else g  # one random upstream gradient, drawn outside the timing
+        return torch.autograd.grad(out, qkv, g)
+
+    fwd_bwd()
+    return fwd_bwd
 
 
 def timeit(fn, device):
@@ -159,7 +170,9 @@ def meta(device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="GPU: workloads 4x shorter")
-    ap.add_argument("--out", default=None, help="JSONL path (default bench/results/tree_attention_<device>.jsonl)")
+    ap.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd", help="time the forward, or forward + backward")
+    ap.add_argument("--out", default=None,
+                    help="JSONL path (default bench/results/tree_attention[_bwd]_<device>.jsonl)")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -175,13 +188,14 @@ def main():
     info = meta(device)
     floor_tflops = matmul_tflops(device)
     os.makedirs(RESULTS, exist_ok=True)
-    path = args.out or os.path.join(RESULTS, f"tree_attention_{device}.jsonl")
+    path = args.out or os.path.join(RESULTS, f"tree_attention{'_bwd' if args.mode != 'fwd' else ''}_{device}.jsonl")
     with open(path, "w") as f:
         for name, roots in workloads.items():
             ve, seqs = layout(roots)
             u = ve.numel()
             attended = int((ve.long() - torch.arange(u)).sum())  # key j is seen by rows j .. ve[j]-1
             flops = 4 * heads["d"] * heads["hq"] * attended  # QK^T and PV
+            flops = flops * 3.5 if args.mode == "fwd+bwd" else flops  # + QK^T, dP, dV, dK, dQ
             expanded = sum(len(s) for s in seqs)
             for provider in providers:
                 torch.manual_seed(0)
@@ -189,13 +203,13 @@ def main():
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 try:
-                    fn = setup(ve, seqs, provider, device=device, **heads)
+                    fn = setup(ve, seqs, provider, device=device, mode=args.mode, **heads)
                     times = timeit(fn, device)
                     err = None
                 except Exception as e:  # a peer that cannot run here is reported, not fatal
                     times, err = (None, None, None), f"{type(e).__name__}: {e}"[:300]
                 rec = dict(
-                    info, workload=name, provider=provider, mode="fwd", U=u, sequences=len(seqs),
+                    info, workload=name, provider=provider, mode=args.mode, U=u, sequences=len(seqs),
                     expanded_tokens=expanded, padded_tokens=len(seqs) * max(len(s) for s in seqs),
                     attended_pairs=attended, hq=heads["hq"], hkv=heads["hkv"], d=heads["d"],
                     dtype=str(heads["dtype"]).replace("torch.", ""),
@@ -207,7 +221,7 @@ def main():
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 ms = f"{times[1]:9.3f} ms" if times[1] else "   failed"
-                print(f"{name:8s} {provider:12s} U={u:7d} {ms}" + (f"  ({err})" if err else ""))
+                print(f"{name:8s} {provider:12s} {args.mode:7s} U={u:7d} {ms}" + (f"  ({err})" if err else ""))
     print(f"wrote {path}")
 
 

@@ -124,19 +124,19 @@ class TrainConfig:
                              "use --rollout hf (or auto)")
         if self.method == "credit" and self.prompts_per_step < 2:
             raise ValueError(
-                "TrainConfig: method='credit' needs partners from other prompts, so prompts_per_step must be >= 2; "
-                f"got {self.prompts_per_step} (use --method sdpo for a single prompt)"
+                "TrainConfig: `method` 'credit' needs partners from other prompts, so prompts_per_step must be >= 2; "
+                f"got {self.prompts_per_step} (use `method` sdpo for a single prompt)"
             )
         if self.method == "credit" and self.num_partners > self.prompts_per_step - 1:
             raise ValueError(
-                f"TrainConfig: num_partners ({self.num_partners}) must be <= prompts_per_step - 1 "
+                f"TrainConfig: `num_partners` ({self.num_partners}) must be <= prompts_per_step - 1 "
                 f"({self.prompts_per_step - 1})"
             )
         if self.level == "topk" and self.mu > 0:
-            raise ValueError("TrainConfig: mu > 0 mixes outcome advantages into the token-level policy gradient; "
-                             "use it with level='token'")
+            raise ValueError("TrainConfig: `mu` > 0 mixes outcome advantages into the token-level policy gradient; "
+                             "use it with `level` token")
         if self.method == "grpo" and self.level == "topk":
-            raise ValueError("TrainConfig: level='topk' is a distillation loss; it needs method sdpo or credit")
+            raise ValueError("TrainConfig: `level` topk is a distillation loss; it needs `method` sdpo or credit")
         if self.logger not in ("jsonl", "wandb"):
             bad("logger", "must be jsonl or wandb")
 
@@ -200,7 +200,24 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
-    return build_config(values, source=args.config or "flags")
+    try:
+        return build_config(values, source=args.config or "flags")
+    except ValueError as e:  # at the command line, name the flag the user types, not the dataclass field
+        raise ValueError(_as_flags(str(e))) from e
+
+
+def _as_flags(message: str) -> str:
+    """'TrainConfig: `lam` must be ...' -> '--lam must be ...': field names in backticks, and those with an
+    underscore (unambiguous in prose), become the flags the user types."""
+    import re
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+
+    def flag(m):
+        name = m.group(1) or m.group(2)
+        return _flag(name) if name in names and (m.group(1) or "_" in name) else m.group(0)
+
+    return re.sub(r"`(\w+)`|\b(\w+)\b", flag, message.removeprefix("TrainConfig: "))
 
 
 def patch_missing_config_keys(saved: dict[str, Any]) -> dict[str, Any]:

@@ -84,13 +84,50 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_model_dir(path: str) -> None:
+    """Refuse a directory that is not a transformers causal-LM directory, naming what is missing.
+
+    Without this, transformers fails deep inside with messages about sentencepiece or tiktoken.
+    """
+    import json
+
+    def refuse(why: str):
+        raise ValueError(f"--model {path!r} is not a causal-LM directory: {why} (a transformers model directory "
+                         "holds config.json, weights such as model.safetensors, and tokenizer files such as "
+                         "tokenizer.json; save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir))")
+
+    files = set(os.listdir(path))
+    if "config.json" not in files:
+        refuse("config.json is missing")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        refuse(f"config.json is not valid JSON ({e})")
+    if not isinstance(config, dict):
+        refuse("config.json is not a JSON object")
+    archs = config.get("architectures") or []
+    if archs and not any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        refuse(f"config.json names {archs}, not a causal LM (*ForCausalLM)")
+    if not files & set(_WEIGHT_FILES) and not any(f.endswith(".safetensors") for f in files):
+        refuse(f"no weights (none of {', '.join(_WEIGHT_FILES)})")
+    if not files & set(_TOKENIZER_FILES):
+        refuse(f"no tokenizer files (none of {', '.join(_TOKENIZER_FILES)})")
+
+
 def load_model(name: str, *, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer) for `name`: 'embedded', a local directory, or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = _embedded_dir() if name == EMBEDDED else name
-    if name != EMBEDDED and not os.path.isdir(path) and (path.startswith((".", "/", "~")) or os.sep in path[:1]):
-        raise ValueError(f"--model: directory {path!r} does not exist")
+    path = _embedded_dir() if name == EMBEDDED else os.path.expanduser(name)
+    if os.path.isdir(path):
+        check_model_dir(path)
+    elif name != EMBEDDED and (name.startswith((".", "/", "~")) or os.sep in name[:1]):
+        raise ValueError(f"--model: directory {name!r} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

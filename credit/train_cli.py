@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from credit.cli import command
+from credit.cli import UsageError, command
 from credit.config import TrainConfig, add_config_arguments, config_from_args
 
 
@@ -48,7 +48,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.run:
         ckpt = latest_checkpoint(args.run)
         if ckpt is None:
-            raise SystemExit(f"credit eval: no checkpoint in {args.run}")
+            raise UsageError(f"--run {args.run}: no checkpoint (ckpt/step_*/) in that directory; train there first or pass "
+                             "another run directory")
         model.load_state_dict(torch.load(os.path.join(ckpt, "student.pt"), map_location=device))
         print(f"evaluating {ckpt}")
     acc = evaluate(model, tokenizer, env, records, cfg)
@@ -69,7 +70,7 @@ def _viz(args: argparse.Namespace) -> int:
     path = (os.path.join(args.run, "samples", f"step_{args.step:06d}.json") if args.step is not None
             else latest_samples(args.run))
     if not os.path.exists(path):
-        raise SystemExit(f"credit viz: {path} does not exist")
+        raise UsageError(f"--step {args.step}: {path} does not exist (samples are saved every --sample-every steps)")
     out = write_page(path, args.out or os.path.join(args.run, "viz.html"))
     print(f"wrote {out}")
     return 0

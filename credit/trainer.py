@@ -50,18 +50,28 @@ from credit_kernels import credit_reward, linear_gather, linear_logprob, linear_
 def load_records(cfg: TrainConfig, env) -> tuple[list[dict], list[dict]]:
     """(train, held-out) records: a synthetic task's seeded split, or JSONL files."""
     if cfg.data:
-        train = load_jsonl(cfg.data, cfg.task)
-        heldout = load_jsonl(cfg.eval_data, cfg.task) if cfg.eval_data else []
+        train = _read_jsonl("--data", cfg.data, cfg.task)
+        heldout = _read_jsonl("--eval-data", cfg.eval_data, cfg.task) if cfg.eval_data else []
     elif hasattr(env, "splits"):
         split = env.splits(seed=cfg.seed, n_heldout=cfg.n_heldout)
         train, heldout = split.train, split.heldout
         if cfg.eval_data:
-            heldout = load_jsonl(cfg.eval_data, cfg.task)
+            heldout = _read_jsonl("--eval-data", cfg.eval_data, cfg.task)
     else:
         raise ValueError(f"--task {cfg.task} reads its records from a file: pass --data path.jsonl")
     if len(train) < cfg.prompts_per_step:
         raise ValueError(f"--data: {len(train)} training records, fewer than prompts_per_step={cfg.prompts_per_step}")
     return train, heldout[: cfg.eval_max] if cfg.eval_max else heldout
+
+
+def _read_jsonl(flag: str, path: str, task: str) -> list[dict]:
+    """load_jsonl with errors that name the flag the file came from."""
+    try:
+        return load_jsonl(path, task)
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {path}: no such file") from None
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
 
 
 def step_records(train: list[dict], step: int, num: int, seed: int) -> list[dict]:

@@ -9,26 +9,33 @@ query row i may attend to packed key row j iff
 Each row therefore attends causally within its node and fully to its ancestors, and computing a
 shared prefix once serves every sequence that continues it.
 
-Backends:
+Backends (all differentiable in q, k, v, and through lse):
 - "triton": a flash-attention style kernel (online softmax, fp32 accumulation). A host-side plan
   lists, per query block, the KV blocks holding at least one visible key (CSR), so the cost is
-  proportional to the attended tokens; masked-out KV blocks are never loaded.
+  proportional to the attended tokens; masked-out KV blocks are never loaded. The backward
+  (`tree_attention_bwd.py`) recomputes P from the saved logsumexp: dK/dV per KV block over the
+  query blocks that see it (the plan's transposed CSR), dQ per query block over its KV blocks.
 - "flex": `torch.nn.attention.flex_attention` with a BlockMask built from the same block rule
-  (full blocks skip the mask). On CPU it runs flex's unfused eager path (tests only).
+  (full blocks skip the mask). On CPU it runs flex's unfused eager path (tests only), which torch
+  gives no backward: asking for a gradient there raises NotImplementedError.
 - "torch": `tree_attention_ref`, a dense-mask reference chunked over queries; the CPU path and the
-  test oracle, differentiable through autograd.
+  test oracle, differentiable through autograd (each chunk recomputed in the backward, so memory
+  stays one chunk's scores).
 
-Forward only: the Triton op has no backward yet (teacher scoring runs without gradients). Asking
-for one raises NotImplementedError; use backend="torch" (or "flex") when a gradient is needed.
+Build a `tree_attention_plan` once per trie and pass it to every layer: it holds both block lists
+and, with backend="flex", the BlockMask.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
+import torch.utils.checkpoint
+
+from credit_kernels.tree_attention_bwd import _tree_attention_bwd, _tree_attention_bwd_torch
 
 from credit_kernels import _core
 from credit_kernels._core import HAS_TRITON, INTERPRET
@@ -56,11 +63,14 @@ class TreeAttentionOutput(NamedTuple):
 
 
 class TreeAttentionPlan(NamedTuple):
-    """Which KV blocks each query block visits; build once per trie, reuse across layers.
+    """Which KV blocks each query block visits, and the transpose; build once per trie, reuse across layers.
 
-    visible_end: [U] int32, as in PrefixTrie.
-    block_ptr:   [ceil(U / block_m) + 1] int32 CSR offsets into block_idx.
-    block_idx:   [nnz] int32 KV block indices, ascending within each query block.
+    visible_end:     [U] int32, as in PrefixTrie.
+    block_ptr:       [ceil(U / block_m) + 1] int32 CSR offsets into block_idx.
+    block_idx:       [nnz] int32 KV block indices, ascending within each query block (forward, dQ).
+    q_block_ptr:     [ceil(U / block_n) + 1] int32 CSR offsets into q_block_idx.
+    q_block_idx:     [nnz] int32 query block indices that see each KV block, ascending (dK, dV).
+    flex_block_mask: the FlexAttention BlockMask (`tree_attention_plan(..., backend="flex")`), else None.
     """
 
     visible_end: torch.Tensor
@@ -68,6 +78,9 @@ class TreeAttentionPlan(NamedTuple):
     block_idx: torch.Tensor
     block_m: int
     block_n: int
+    q_block_ptr: Optional[torch.Tensor] = None  # None only in plans built by hand: the backward derives it
+    q_block_idx: Optional[torch.Tensor] = None
+    flex_block_mask: Any = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -168,24 +181,27 @@ def _block_ranges(ve: torch.Tensor, block_m: int, block_n: int):
 
 
 def _build_plan(visible_end: torch.Tensor, block_m: int, block_n: int) -> TreeAttentionPlan:
-    """CSR of the KV blocks each query block visits, ascending; O(visited blocks) memory."""
+    """Both CSRs (per query block: its KV blocks; per KV block: its query blocks), ascending; O(nnz) memory."""
     u = visible_end.numel()
     ve = visible_end.to(torch.int32).contiguous()
     dev = ve.device
     n_m = -(-u // block_m)
     if u == 0:
         z = torch.zeros(1, dtype=torch.int32, device=dev)
-        return TreeAttentionPlan(ve, z, z[:0], block_m, block_n)
+        return TreeAttentionPlan(ve, z, z[:0], block_m, block_n, z.clone(), z[:0])
     lo, hi = _block_ranges(ve, block_m, block_n)
     counts = hi - lo + 1
     b_rep = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), counts)  # syncs once for the size
     first = torch.cumsum(counts, 0) - counts
     m_rep = lo[b_rep] + torch.arange(b_rep.numel(), device=dev) - first[b_rep]
+    # (b_rep, m_rep) is already ordered by (kv block, query block): it is the transposed CSR as it stands
+    q_block_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=dev)
+    q_block_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
     key, _ = torch.sort(m_rep * counts.numel() + b_rep)  # order by (query block, kv block)
     block_idx = (key % counts.numel()).to(torch.int32)
     block_ptr = torch.zeros(n_m + 1, dtype=torch.int32, device=dev)
     block_ptr[1:] = torch.cumsum(torch.bincount(key // counts.numel(), minlength=n_m), 0).to(torch.int32)
-    return TreeAttentionPlan(ve, block_ptr, block_idx, block_m, block_n)
+    return TreeAttentionPlan(ve, block_ptr, block_idx, block_m, block_n, q_block_ptr, m_rep.to(torch.int32))
 
 
 def _tree_attention_fwd(q, k, v, plan: TreeAttentionPlan, scale: float):
@@ -225,7 +241,10 @@ def _tree_attention_op(
     scale: float,
     block_m: int,
     block_n: int,
+    q_block_ptr: Optional[torch.Tensor] = None,
+    q_block_idx: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [U, Hq, D], lse [U, Hq] fp32). q_block_ptr / q_block_idx (the transposed CSR) serve the backward."""
     plan = TreeAttentionPlan(visible_end, block_ptr, block_idx, block_m, block_n)
     if q.device.type == "cpu" and not INTERPRET:  # CPU tensors run the reference, unless interpreting
         out, lse = tree_attention_ref(q, k, v, visible_end, scale=scale)
@@ -234,21 +253,70 @@ def _tree_attention_op(
 
 
 @_tree_attention_op.register_fake
-def _(q, k, v, visible_end, block_ptr, block_idx, scale, block_m, block_n):
+def _(q, k, v, visible_end, block_ptr, block_idx, scale, block_m, block_n, q_block_ptr=None, q_block_idx=None):
     torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3, lambda: "tree_attention: q, k, v must be 3-D")
     torch._check(k.shape[0] == q.shape[0] and visible_end.shape[0] == q.shape[0], lambda: "tree_attention: U differs")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # as the launcher allocates it
     return out, q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
 
 
-def _no_backward(ctx, grad_out, grad_lse):
-    raise NotImplementedError(
-        "tree_attention: the Triton/op path is forward-only for now (teacher scoring needs no gradient); "
-        "call tree_attention(..., backend='torch') or backend='flex' to differentiate"
+@torch.library.custom_op("credit::tree_attention_backward", mutates_args=())
+def _tree_attention_backward_op(
+    grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    visible_end: torch.Tensor, block_ptr: torch.Tensor, block_idx: torch.Tensor,
+    q_block_ptr: Optional[torch.Tensor], q_block_idx: Optional[torch.Tensor],
+    scale: float, block_m: int, block_n: int, needs_q_grad: bool, needs_kv_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dq [U, Hq, D] or [0], dk, dv [U, Hkv, D] or [0]) in the inputs' dtypes; grad_lse None: lse unused."""
+    if q.device.type == "cpu" and not _interpreting():
+        dq, dk, dv = _tree_attention_bwd_torch(grad_out, grad_lse, q, k, v, out, lse, visible_end, scale)
+    else:
+        if q_block_ptr is None or q_block_idx is None:  # a plan built by hand: derive the transpose (one sync)
+            t = _build_plan(visible_end, block_m, block_n)
+            q_block_ptr, q_block_idx = t.q_block_ptr, t.q_block_idx
+        dq, dk, dv = _tree_attention_bwd(
+            grad_out, grad_lse, q, k, v, out, lse, visible_end, block_ptr, block_idx, q_block_ptr, q_block_idx,
+            scale, block_m, block_n, needs_q_grad, needs_kv_grad, _interpreting(),
+        )  # fmt: skip
+    empty = q.new_empty((0,))
+    return dq if needs_q_grad else empty, dk if needs_kv_grad else empty, dv if needs_kv_grad else empty.clone()
+
+
+@_tree_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, visible_end, block_ptr, block_idx, q_block_ptr, q_block_idx, scale,
+      block_m, block_n, needs_q_grad, needs_kv_grad):
+    torch._check(grad_out.shape == q.shape, lambda: "tree_attention_backward: grad_out must have q's shape")
+    return (q.new_empty(q.shape if needs_q_grad else (0,)), k.new_empty(k.shape if needs_kv_grad else (0,)),
+            v.new_empty(v.shape if needs_kv_grad else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, visible_end, block_ptr, block_idx, scale, block_m, block_n, q_block_ptr, q_block_idx = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, visible_end, block_ptr, block_idx, q_block_ptr, q_block_idx)
+    ctx.args = (scale, block_m, block_n)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, visible_end, block_ptr, block_idx, q_block_ptr, q_block_idx = ctx.saved_tensors
+    needs_dq = ctx.needs_input_grad[0]  # autograd calls this only when one of q, k, v needs a gradient
+    needs_dkv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    if grad_out is None:  # autograd materialises unused outputs' gradients as zeros; guard anyway
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _tree_attention_backward_op(
+        grad_out, grad_lse, q, k, v, out, lse, visible_end, block_ptr, block_idx, q_block_ptr, q_block_idx,
+        *ctx.args, needs_dq, needs_dkv,
+    )  # fmt: skip
+    return (
+        dq if needs_dq else None, dk if ctx.needs_input_grad[1] else None, dv if ctx.needs_input_grad[2] else None,
+        None, None, None,  # visible_end, block_ptr, block_idx
+        None, None, None,  # scale, block_m, block_n
+        None, None,  # q_block_ptr, q_block_idx
     )
 
 
-_tree_attention_op.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
+_tree_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -275,11 +343,10 @@ def tree_attention_ref(
 
     Returns:
         out [U, Hq, D] in q's dtype, lse [U, Hq] fp32 (fp64 for fp64 input). Differentiable through
-        autograd (which then keeps every chunk's probabilities: tests only).
+        autograd; when a gradient is wanted each chunk is checkpointed (recomputed in the backward), so
+        autograd keeps one chunk's probabilities at a time, not the whole attention matrix.
     """
     u, hq, d = q.shape
-    hkv = k.shape[1]
-    group = hq // hkv
     scale = d**-0.5 if scale is None else scale
     cdt = torch.float64 if q.dtype == torch.float64 else (torch.float32 if upcast else q.dtype)
     lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -289,26 +356,38 @@ def tree_attention_ref(
     ve = visible_end.to(device=q.device, dtype=torch.int64)
     kc = k.to(cdt).transpose(0, 1)  # [Hkv, U, D]
     vc = v.to(cdt).transpose(0, 1)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     outs, lses = [], []
     for a in range(0, u, c):
         b = min(u, a + c)
-        n = b - a
         # key j is visible to some row i in [a, b) iff j < b and visible_end[j] > a (j <= i < visible_end[j])
         keys = torch.nonzero(ve[:b] > a).squeeze(1)
-        qc = q[a:b].to(cdt).transpose(0, 1).reshape(hkv, group * n, d)  # heads h = kv * group + g
-        s = (qc @ kc[:, keys].transpose(1, 2)).view(hkv, group, n, keys.numel()) * scale
-        i = torch.arange(a, b, device=q.device)[:, None]
-        j = keys[None, :]
-        visible = (j <= i) & (i < ve[keys][None, :])
-        s = s.masked_fill(~visible, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)  # [Hkv, G, n]
-        p = torch.exp(s - lse[..., None])
-        o = (p.view(hkv, group * n, keys.numel()) @ vc[:, keys]).view(hq, n, d)
+        args = (q, kc, vc, ve, keys, a, b, scale, cdt)
+        # the chunk takes the whole tensors and slices inside, so the checkpoint saves no per-chunk copies
+        if grad:
+            o, lse = torch.utils.checkpoint.checkpoint(_ref_chunk, *args, use_reentrant=False)
+        else:
+            o, lse = _ref_chunk(*args)
         outs.append(o.transpose(0, 1).to(q.dtype))
-        lses.append(lse.reshape(hq, n).transpose(0, 1).to(lse_dt))
+        lses.append(lse.transpose(0, 1).to(lse_dt))
     if not outs:
         return TreeAttentionOutput(torch.empty_like(q), q.new_empty((0, hq), dtype=lse_dt))
     return TreeAttentionOutput(torch.cat(outs), torch.cat(lses))
+
+
+def _ref_chunk(q, kc, vc, ve, keys, a: int, b: int, scale: float, cdt):
+    """Query rows [a, b) against their visible `keys`: (out [Hq, n, D], lse [Hq, n]) in cdt."""
+    n, (hkv, _, d), hq = b - a, kc.shape, q.shape[1]
+    group = hq // hkv
+    qc = q[a:b].to(cdt).transpose(0, 1).reshape(hkv, group * n, d)  # heads h = kv * group + g
+    s = (qc @ kc[:, keys].transpose(1, 2)).view(hkv, group, n, keys.numel()) * scale
+    i = torch.arange(a, b, device=q.device)[:, None]
+    visible = (keys[None, :] <= i) & (i < ve[keys][None, :])
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [Hkv, G, n]
+    p = torch.exp(s - lse[..., None])
+    o = (p.view(hkv, group * n, keys.numel()) @ vc[:, keys]).view(hq, n, d)
+    return o, lse.reshape(hq, n)
 
 
 FLEX_BLOCK = 128  # flex_attention's default tile
@@ -353,7 +432,7 @@ def _flex_block_mask(visible_end: torch.Tensor, block: int = FLEX_BLOCK):
 
 
 def _tree_attention_flex(q, k, v, visible_end, scale, block_mask=None):
-    """FlexAttention path; `block_mask` from `_flex_block_mask` may be reused across layers."""
+    """FlexAttention path; `block_mask` (a plan's flex_block_mask) may be reused across layers."""
     global _flex_compiled
     from torch.nn.attention import flex_attention as fa
 
@@ -370,9 +449,19 @@ def _tree_attention_flex(q, k, v, visible_end, scale, block_mask=None):
             _flex_compiled = torch.compile(fa.flex_attention)
         out, aux = _flex_compiled(qt, kt, vt, **kw)
     else:  # inductor's CPU flex has no lse (torch 2.13): run eager, unfused, and say nothing about it
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if not grad:  # torch refuses CPU inputs that require grad even under no_grad
+            qt, kt, vt = qt.detach(), kt.detach(), vt.detach()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            out, aux = fa.flex_attention(qt, kt, vt, **kw)
+            try:
+                out, aux = fa.flex_attention(qt, kt, vt, **kw)
+            except NotImplementedError as e:  # torch 2.13 has no CPU flex backward; say what to use instead
+                if not grad:
+                    raise
+                raise NotImplementedError("tree_attention: backend='flex' has no backward on CPU in this torch "
+                                          f"({torch.__version__}); use backend='torch' (the same dense math on CPU) "
+                                          "or 'triton' under TRITON_INTERPRET=1") from e
     lse = aux.lse if hasattr(aux, "lse") else aux
     return TreeAttentionOutput(out[0].transpose(0, 1), lse[0].transpose(0, 1).float())
 
@@ -402,29 +491,38 @@ def _check_visible_end_values(ve: torch.Tensor) -> None:
 
 
 def tree_attention_plan(
-    tree, *, device: torch.device | str | None = None, check_inputs: bool = True
+    tree, *, device: torch.device | str | None = None, check_inputs: bool = True, backend: str = "triton"
 ) -> TreeAttentionPlan:
-    """Precompute the Triton path's block lists for `tree` (a PrefixTrie or anything with `visible_end`).
+    """Precompute what tree_attention needs for `tree` (a PrefixTrie or anything with `visible_end`).
 
     A model calls tree_attention once per layer on the same trie: pass the plan as `tree` to build
-    the lists (one host sync) once instead of per layer.
+    the block lists (one host sync) and the flex BlockMask once instead of per layer.
 
     Args:
-        tree: PrefixTrie (CPU tensors) or any object with `visible_end` [U] int32/int64.
+        tree: PrefixTrie (CPU tensors), any object with `visible_end` [U] int32/int64, or a plan
+            (returned as is, plus the BlockMask if backend="flex" asks for one it lacks).
         device: where the kernel will run (e.g. "cuda"); default visible_end's device.
         check_inputs: validate visible_end's values (one device sync).
+        backend: the tree_attention backend the plan will serve; "flex" also builds the BlockMask.
 
     Returns:
-        TreeAttentionPlan with visible_end [U] int32 and the CSR block lists, on visible_end's device.
+        TreeAttentionPlan with visible_end [U] int32, both CSR block lists (forward / dQ and the
+        transpose for dK / dV) and flex_block_mask (None unless backend="flex"), on the device.
     """
+    if backend not in _BACKENDS:
+        raise ValueError(f"tree_attention_plan: backend must be one of {_BACKENDS}; got {backend!r}")
     if isinstance(tree, TreeAttentionPlan):
-        return tree
-    ve = _visible_end_of(tree)
-    if device is not None:
-        ve = ve.to(device)
-    if check_inputs:
-        _check_visible_end_values(ve)
-    return _build_plan(ve, BLOCK_M, BLOCK_N)
+        plan = tree
+    else:
+        ve = _visible_end_of(tree)
+        if device is not None:
+            ve = ve.to(device)
+        if check_inputs:
+            _check_visible_end_values(ve)
+        plan = _build_plan(ve, BLOCK_M, BLOCK_N)
+    if backend == "flex" and plan.flex_block_mask is None:
+        plan = plan._replace(flex_block_mask=_flex_block_mask(plan.visible_end))
+    return plan
 
 
 def _check(q, k, v, ve):
@@ -481,8 +579,8 @@ def tree_attention(
         q: [U, Hq, D] bf16/fp16/fp32, packed in the trie's row order.
         k, v: [U, Hkv, D], q's dtype and device; Hq % Hkv == 0 (GQA: query head h reads KV head
             h // (Hq / Hkv)).
-        tree: a PrefixTrie, a TreeAttentionPlan (from `tree_attention_plan`, to reuse block lists
-            across layers), or any object with `visible_end` [U] int32/int64. A CPU visible_end is
+        tree: a PrefixTrie, a TreeAttentionPlan (from `tree_attention_plan`, to reuse block lists and
+            the flex BlockMask across layers), or any object with `visible_end` [U] int32/int64. A CPU visible_end is
             copied to q's device (once per call: prefer a plan on the device in a model's layers).
         scale: softmax scale, default D ** -0.5.
         backend: "auto" (CUDA: "triton" for D in GPU_HEAD_DIMS, else "flex"; CPU: "torch"), "triton"
@@ -494,7 +592,7 @@ def tree_attention(
 
     Returns:
         TreeAttentionOutput(out [U, Hq, D] in q's dtype, lse [U, Hq] fp32 natural-log logsumexp of
-        the scaled scores).
+        the scaled scores). Both are differentiable in q, k and v on every backend ("flex": on CUDA).
     """
     if backend not in _BACKENDS:
         raise ValueError(f"tree_attention: backend must be one of {_BACKENDS}; got {backend!r}")
@@ -521,9 +619,10 @@ def _run_backend(backend: str, q, k, v, ve, tree, scale: float) -> TreeAttention
     if backend == "flex":
         if q.shape[0] == 0:
             return TreeAttentionOutput(torch.empty_like(q), q.new_empty((0, q.shape[1]), dtype=torch.float32))
-        return _tree_attention_flex(q, k, v, ve, scale)
+        mask = tree.flex_block_mask if isinstance(tree, TreeAttentionPlan) else None
+        return _tree_attention_flex(q, k, v, ve, scale, block_mask=mask)
     plan = tree if isinstance(tree, TreeAttentionPlan) else _build_plan(ve, BLOCK_M, BLOCK_N)
     q, k, v = (_core.unit_stride_last(x) for x in (q, k, v))  # the kernel's one layout need (any other strides)
     out, lse = _tree_attention_op(q, k, v, plan.visible_end, plan.block_ptr, plan.block_idx, scale,
-                                  plan.block_m, plan.block_n)
+                                  plan.block_m, plan.block_n, plan.q_block_ptr, plan.q_block_idx)
     return TreeAttentionOutput(out, lse)
