@@ -231,6 +231,7 @@ def _tree_attention_fwd(q, k, v, plan: TreeAttentionPlan, scale: float):
 # torch.library registration
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("credit::tree_attention", mutates_args=())
+@_core.no_autocast
 def _tree_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -261,6 +262,7 @@ def _(q, k, v, visible_end, block_ptr, block_idx, scale, block_m, block_n, q_blo
 
 
 @torch.library.custom_op("credit::tree_attention_backward", mutates_args=())
+@_core.no_autocast
 def _tree_attention_backward_op(
     grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -269,7 +271,7 @@ def _tree_attention_backward_op(
     scale: float, block_m: int, block_n: int, needs_q_grad: bool, needs_kv_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dq [U, Hq, D] or [0], dk, dv [U, Hkv, D] or [0]) in the inputs' dtypes; grad_lse None: lse unused."""
-    if q.device.type == "cpu" and not _interpreting():
+    if q.device.type == "cpu" and not INTERPRET:
         dq, dk, dv = _tree_attention_bwd_torch(grad_out, grad_lse, q, k, v, out, lse, visible_end, scale)
     else:
         if q_block_ptr is None or q_block_idx is None:  # a plan built by hand: derive the transpose (one sync)
@@ -277,7 +279,7 @@ def _tree_attention_backward_op(
             q_block_ptr, q_block_idx = t.q_block_ptr, t.q_block_idx
         dq, dk, dv = _tree_attention_bwd(
             grad_out, grad_lse, q, k, v, out, lse, visible_end, block_ptr, block_idx, q_block_ptr, q_block_idx,
-            scale, block_m, block_n, needs_q_grad, needs_kv_grad, _interpreting(),
+            scale, block_m, block_n, needs_q_grad, needs_kv_grad, INTERPRET,
         )  # fmt: skip
     empty = q.new_empty((0,))
     return dq if needs_q_grad else empty, dk if needs_kv_grad else empty, dv if needs_kv_grad else empty.clone()
