@@ -36,7 +36,6 @@ from credit_kernels._core import HAS_TRITON, INTERPRET  # noqa: F401  (credit.en
 from credit_kernels.reference import linear_logprob_bwd_ref, linear_logprob_fwd_ref
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
-SUPPORTED_DTYPES = _core.FLOAT_DTYPES
 # The forward kernel's config; bench/sweep_logprob.py swaps it to time others.
 _config = tu.config
 

@@ -191,9 +191,8 @@ def _linear_topk_fwd_triton(hidden, weight, k, temperature):
 
 
 def _empty_outputs(hidden: torch.Tensor, k: int):
-    e = hidden.new_empty((0,), dtype=torch.float32)
-    return hidden.new_empty((0, k), dtype=torch.float32), e, e.clone(), e.clone(), hidden.new_empty((0, k),
-                                                                                                 dtype=torch.long)
+    rows = [hidden.new_empty((0,), dtype=torch.float32) for _ in range(3)]
+    return hidden.new_empty((0, k), dtype=torch.float32), *rows, hidden.new_empty((0, k), dtype=torch.long)
 
 
 @torch.library.custom_op("credit::linear_topk", mutates_args=())

@@ -35,10 +35,9 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.utils.checkpoint
 
-from credit_kernels.tree_attention_bwd import _tree_attention_bwd, _tree_attention_bwd_torch
-
 from credit_kernels import _core
 from credit_kernels._core import HAS_TRITON, INTERPRET
+from credit_kernels.tree_attention_bwd import _tree_attention_bwd, _tree_attention_bwd_torch
 
 if HAS_TRITON:
     import triton
