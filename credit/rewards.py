@@ -20,8 +20,8 @@ Per response (sums over masked tokens):
 * contrastive pMI            = A - log(1/M sum_m exp B_m),  A = sum_t m a,  B_m = sum_t m b^m
 * its token-decomposable surrogate = sum_t m (a - mean_m b^m)  (an upper bound of the contrastive pMI, by Jensen)
 
-Output conventions (these functions are the oracle of the fused ``credit_kernels.credit_reward`` op, which must
-follow them):
+Output conventions (these functions validate, then call the oracle of the fused ``credit_kernels.credit_reward`` op,
+``credit_kernels.reference.credit_reward_ref``, whose halves they are; every backend of the op follows them):
 
 * Every input is cast to fp32 first and all arithmetic is fp32; outputs are fp32 on the inputs' device.
 * Masks are bool or 0/1 numbers; any non-zero entry counts as 1.
@@ -37,110 +37,26 @@ follow them):
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple
 
 import torch
 
+# The validators and the oracle live with the kernels (credit_kernels stands alone); the names below are what
+# credit.losses imports.
+from credit_kernels._core import BASELINES as _BASELINES  # noqa: F401
+from credit_kernels._core import check_baseline as _check_baseline
+from credit_kernels._core import check_devices as _check_devices
+from credit_kernels._core import check_finite as _check_finite
+from credit_kernels._core import check_float_tensor as _check_float_tensor
+from credit_kernels._core import check_lam as _check_lam
+from credit_kernels._core import check_mask as _check_mask
+from credit_kernels._core import check_reward_inputs as _check_triple
+from credit_kernels._core import check_same_shape as _check_same_shape
+from credit_kernels.reference import credit_token_rewards_ref, sequence_pmi_ref
+from credit_kernels.reference import keep_mask as _keep
+from credit_kernels.reference import partner_baseline as _baseline  # noqa: F401
+
 __all__ = ["SequencePMI", "credit_rewards", "sdpo_rewards", "sequence_pmi"]
-
-_BASELINES = ("mean", "logmeanexp")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# validation helpers (shared with credit.losses)
-
-
-def _check_float_tensor(fn: str, name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor; got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{fn}: {name} must be a floating-point tensor (log-probs); got dtype {x.dtype}")
-
-
-def _check_mask(fn: str, mask, shape: torch.Size, shape_desc: str) -> None:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{fn}: mask must be a torch.Tensor; got {type(mask).__name__}")
-    if mask.is_complex():
-        raise TypeError(f"{fn}: mask must be bool or real 0/1 numbers; got dtype {mask.dtype}")
-    if mask.shape != shape:
-        raise ValueError(f"{fn}: mask must have shape {shape_desc} = {tuple(shape)}; got {tuple(mask.shape)}")
-
-
-def _check_same_shape(fn: str, name: str, x: torch.Tensor, shape: torch.Size, shape_desc: str) -> None:
-    if x.shape != shape:
-        raise ValueError(f"{fn}: {name} must have shape {shape_desc} = {tuple(shape)}; got {tuple(x.shape)}")
-
-
-def _check_devices(fn: str, **tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        got = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"{fn}: all tensors must be on the same device; got {got}")
-
-
-def _check_finite(fn: str, name: str, x: torch.Tensor, keep: torch.Tensor) -> None:
-    """Raise if x holds NaN/inf where `keep` (broadcastable bool) is True. Syncs the device once."""
-    bad = ~torch.isfinite(x) & keep
-    if bool(bad.any()):
-        idx = bad.nonzero()[0].tolist()
-        raise ValueError(
-            f"{fn}: {name} has {int(bad.sum())} non-finite (NaN/inf) value(s) at unmasked positions, first at "
-            f"index {idx} (value {x[tuple(idx)].item()}); pass check_inputs=False to skip this scan"
-        )
-
-
-def _check_lam(fn: str, lam) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise TypeError(f"{fn}: lam must be a real number in [0, 1]; got {type(lam).__name__} {lam!r}")
-    lam = float(lam)
-    if not (0.0 <= lam <= 1.0):  # also rejects NaN
-        raise ValueError(
-            f"{fn}: lam must be in [0, 1] (0 = SDPO, 1 = pure contrast a - beta); got {lam}. Values outside the "
-            "interval extrapolate past the method and are rejected"
-        )
-    return lam
-
-
-def _check_baseline(fn: str, baseline) -> None:
-    if baseline not in _BASELINES:
-        raise ValueError(f"{fn}: baseline must be one of {_BASELINES}; got {baseline!r}")
-
-
-def _keep(mask: torch.Tensor) -> torch.Tensor:
-    """Masks are bool or 0/1 numbers: any non-zero entry counts as 1."""
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def _baseline(b: torch.Tensor, baseline: str) -> torch.Tensor:
-    """beta over the leading (M) dim of fp32 `b`: mean or log-mean-exp (see the module docstring)."""
-    num = b.shape[0]
-    if baseline == "mean":
-        return b.sum(0) / num
-    return torch.logsumexp(b, 0) - math.log(num)
-
-
-def _check_triple(fn: str, aligned, shuffled, student, mask) -> None:
-    """Shapes: aligned, student, mask [B, T]; shuffled [M, B, T] with M >= 1."""
-    _check_float_tensor(fn, "aligned", aligned)
-    _check_float_tensor(fn, "shuffled", shuffled)
-    _check_float_tensor(fn, "student", student)
-    if aligned.dim() != 2:
-        raise ValueError(f"{fn}: aligned must have shape [B, T]; got {tuple(aligned.shape)}")
-    _check_same_shape(fn, "student", student, aligned.shape, "[B, T]")
-    _check_mask(fn, mask, aligned.shape, "[B, T]")
-    if shuffled.dim() != 3 or shuffled.shape[1:] != aligned.shape:
-        raise ValueError(
-            f"{fn}: shuffled must have shape [M, B, T] = [M, {aligned.shape[0]}, {aligned.shape[1]}] matching "
-            f"aligned; got {tuple(shuffled.shape)}"
-        )
-    if shuffled.shape[0] == 0:
-        raise ValueError(
-            f"{fn}: shuffled has M = 0 partners; CREDIT needs M >= 1 shuffled teacher passes (use sdpo_rewards for "
-            "lam = 0 without partners)"
-        )
-    _check_devices(fn, aligned=aligned, shuffled=shuffled, student=student, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -210,10 +126,7 @@ def credit_rewards(
         _check_finite(fn, "aligned", aligned, keep)
         _check_finite(fn, "shuffled", shuffled, keep)
         _check_finite(fn, "student", student, keep)
-    a, s = aligned.float(), student.float()
-    beta = _baseline(shuffled.float(), baseline)
-    r = (a - s) - lam * (beta - s)
-    return torch.where(keep, r, torch.zeros((), dtype=torch.float32, device=r.device))
+    return credit_token_rewards_ref(aligned, shuffled, student, mask, lam=lam, baseline=baseline)
 
 
 class SequencePMI(NamedTuple):
@@ -256,14 +169,4 @@ def sequence_pmi(
         _check_finite(fn, "aligned", aligned, keep)
         _check_finite(fn, "shuffled", shuffled, keep)
         _check_finite(fn, "student", student, keep)
-    zero = torch.zeros((), dtype=torch.float32, device=aligned.device)
-    a = torch.where(keep, aligned.float(), zero)
-    s = torch.where(keep, student.float(), zero)
-    b = torch.where(keep, shuffled.float(), zero)  # keep [B, T] broadcasts over M
-    num = shuffled.shape[0]
-    a_sum = a.sum(-1)  # [B]
-    b_sum = b.sum(-1)  # [M, B]
-    pmi = (a - s).sum(-1)
-    contrastive = a_sum - (torch.logsumexp(b_sum, 0) - math.log(num))
-    surrogate = (a - b.sum(0) / num).sum(-1)
-    return SequencePMI(pmi, contrastive, surrogate)
+    return SequencePMI(*sequence_pmi_ref(aligned, shuffled, student, mask))

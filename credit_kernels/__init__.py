@@ -1,4 +1,7 @@
-"""Fused kernels for CREDIT teacher scoring and updates (see the README and ../shared/DESIGN.md)."""
+"""Fused kernels for CREDIT teacher scoring and updates (see the README and docs/kernels.md).
+
+The package stands alone: it imports nothing from `credit` (tests/test_standalone.py).
+"""
 
 from credit_kernels._ext import HAS_EXT, HAS_EXT_CUDA
 from credit_kernels.credit_reward import CreditReward, credit_reward
@@ -6,7 +9,7 @@ from credit_kernels.linear_gather import GatherOutput, linear_gather
 from credit_kernels.linear_logprob import linear_logprob
 from credit_kernels.linear_topk import TopKOutput, linear_topk
 from credit_kernels.prefix_trie import PrefixTrie, build_prefix_trie, gather_sequence_rows, trie_stats
-from credit_kernels.reference import linear_gather_ref, linear_logprob_ref, linear_topk_ref
+from credit_kernels.reference import credit_reward_ref, linear_gather_ref, linear_logprob_ref, linear_topk_ref
 from credit_kernels.tree_attention import (
     TreeAttentionOutput,
     TreeAttentionPlan,
@@ -26,6 +29,7 @@ __all__ = [
     "TreeAttentionPlan",
     "build_prefix_trie",
     "credit_reward",
+    "credit_reward_ref",
     "gather_sequence_rows",
     "linear_gather",
     "linear_gather_ref",

@@ -9,17 +9,22 @@ For response i, token t (mask m_it), with a = aligned [B, T], b^m = shuffled [M,
     contrastive_pmi = A - log(1/M sum_m exp B_m),  A = sum_t m a,  B_m = sum_t m b^m      [B] fp32
     contrastive_pmi_surrogate = sum_t m (a - mean_m b^m)        [B] fp32 (an upper bound of it, by Jensen)
 
-The oracle is credit/rewards.py (``credit_rewards`` + ``sequence_pmi``); its module docstring fixes the conventions
-every backend follows: inputs cast to fp32 and fp32 math, any non-zero mask entry counts as 1, masked outputs are
-exactly +0.0 by selection (NaN/inf there never leak), "mean" is ``b.sum(0) / M``, "logmeanexp" is
-``logsumexp(b, 0) - log M``, and lam in [0, 1].
+The oracle is ``credit_kernels.reference.credit_reward_ref`` (which ``credit.credit_rewards`` and
+``credit.sequence_pmi`` call after validating); it fixes the conventions every backend follows: inputs cast to fp32
+and fp32 math, any non-zero mask entry counts as 1, masked outputs are exactly +0.0 by selection (NaN/inf there
+never leak), "mean" is ``b.sum(0) / M``, "logmeanexp" is ``logsumexp(b, 0) - log M``, and lam in [0, 1].
+
+Inputs are taken as given, whatever their strides (every kernel reads through them), and autocast does not apply:
+the op has no matmul to speed up, its inputs are log-probs that the linear ops already return in fp32, and a
+lower-precision pass would round the differences a - s and a - beta, which are the rewards themselves
+(docs/kernels.md).
 
 Backends (one custom op ``credit::credit_reward``; no autograd: the rewards are advantages, constants for the
 policy gradient, so the inputs are detached):
     triton  CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests).
     cuda    the compiled CUDA kernel, csrc/cuda/credit_reward.cu (built when torch has CUDA).
     cpp     the compiled CPU kernel, csrc/credit_reward.cpp (multi-threaded over rows).
-    torch   the oracle itself (credit.rewards), about 15 separate elementwise/reduction kernels.
+    torch   the oracle itself (credit_reward_ref), about 15 separate elementwise/reduction kernels.
 
 Triton schedule: one program per block of BLOCK_B rows walks T in BLOCK_T tiles; per tile it sweeps the M partner
 rows once (token-wise sum and max, and each partner's masked row sum, reduced into a [BLOCK_B, BLOCK_M]
@@ -32,35 +37,24 @@ re-reads each tile's partner values, from L1/L2, for its exp pass), the rewards 
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 
-from credit.rewards import _check_baseline, _check_finite, _check_lam, _check_triple, _keep
-from credit.rewards import credit_rewards as _credit_rewards_oracle
-from credit.rewards import sequence_pmi as _sequence_pmi_oracle
-from credit_kernels import _ext
-from credit_kernels.linear_logprob import resolve_backend as _resolve_common
+from credit_kernels import _core
+from credit_kernels._core import HAS_TRITON, INTERPRET  # noqa: F401  (bench/bench_credit_reward.py reads HAS_TRITON)
+from credit_kernels.reference import credit_reward_ref
 
-try:
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs work without Triton
-    HAS_TRITON = False
-
 __all__ = ["BACKENDS", "MAX_PARTNERS", "CreditReward", "credit_reward", "resolve_backend"]
 
-# Decided at import because @triton.jit reads it at decoration time.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 # The kernels keep the M partner row sums on chip (registers / shared memory); CREDIT uses M <= P - 1 partners,
 # a handful in practice, so 64 is generous.
 MAX_PARTNERS = 64
-# Tests set this to fill the output buffers with NaN, so an element a kernel forgets to write shows.
-POISON = os.environ.get("CREDIT_POISON") == "1"
 # The compiled kernels take one dtype for aligned, shuffled and student; other combinations are cast to fp32
 # first, which is exactly the oracle's `.float()`.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -163,9 +157,7 @@ if HAS_TRITON:
 
 
 def _output(shape, device) -> torch.Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-    return torch.empty(shape, dtype=torch.float32, device=device)
+    return _core.scratch(shape, dtype=torch.float32, device=device)
 
 
 def _config(n_rows: int, n_tokens: int, n_partners: int, device: torch.device) -> dict:
@@ -222,6 +214,7 @@ def _same_kernel_dtype(aligned, shuffled, student):
 
 
 @torch.library.custom_op("credit::credit_reward", mutates_args=())
+@_core.no_autocast
 def _credit_reward_op(
     aligned: torch.Tensor,
     shuffled: torch.Tensor,
@@ -233,10 +226,7 @@ def _credit_reward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rewards [B, T], pmi [B], contrastive_pmi [B], contrastive_pmi_surrogate [B]), all fp32."""
     if backend == "torch":
-        rewards = _credit_rewards_oracle(aligned, shuffled, student, mask, lam=lam, baseline=baseline,
-                                         check_inputs=False)
-        diag = _sequence_pmi_oracle(aligned, shuffled, student, mask, check_inputs=False)
-        return rewards, diag.pmi, diag.contrastive_pmi, diag.contrastive_pmi_surrogate
+        return credit_reward_ref(aligned, shuffled, student, mask, lam=lam, baseline=baseline)
     if backend in ("cpp", "cuda"):
         a, sh, s = _same_kernel_dtype(aligned, shuffled, student)
         return tuple(torch.ops.credit_C.credit_reward(a, sh, s, mask, lam, baseline))
@@ -258,7 +248,7 @@ def _(aligned, shuffled, student, mask, lam, baseline, backend):
 
 
 class CreditReward(NamedTuple):
-    """The fused op's outputs, all fp32 on the inputs' device; see credit.rewards for the definitions."""
+    """The fused op's outputs, all fp32 on the inputs' device (definitions in the module docstring)."""
 
     rewards: torch.Tensor
     """[B, T] CREDIT token rewards (a - s) - lam * (beta - s), exactly +0.0 where the mask is 0."""
@@ -275,34 +265,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
     As linear_logprob's, plus "cuda" (the compiled kernel), which "auto" picks on CUDA without Triton.
     """
-    op = "credit_reward"
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "auto" and device.type == "cuda" and not HAS_TRITON:
-        return "cuda" if _ext.use_ext(device) else "torch"
-    if backend != "cuda":
-        return _resolve_common(backend, device, op)
-    if device.type != "cuda":
-        raise ValueError(f"{op}: backend='cuda' runs on CUDA tensors only; got {device.type} tensors (use "
-                         "backend='cpp' or 'auto')")
-    if not _ext.HAS_EXT_CUDA:
-        why = "not built" if not _ext.HAS_EXT else "built without CUDA kernels (CPU-only torch or no nvcc)"
-        raise ValueError(
-            f"{op}: backend='cuda' but credit_kernels._C is {why}; rebuild with a CUDA torch and nvcc "
-            "(CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .) or use "
-            "backend='triton'"
-        )
-    return backend
-
-
-def _raise_non_finite(fn, aligned, shuffled, student, mask) -> None:
-    # Called only when a row sum came out non-finite: name the input that holds NaN/inf at an unmasked position
-    # (the oracle's message), or report an fp32 overflow of finite inputs.
-    keep = _keep(mask)
-    _check_finite(fn, "aligned", aligned, keep)
-    _check_finite(fn, "shuffled", shuffled, keep)
-    _check_finite(fn, "student", student, keep)
-    raise ValueError(f"{fn}: a row sum overflowed fp32 (|sum_t a|, |sum_t s| or |sum_t b| exceeds 3.4e38)")
+    return _core.resolve_backend("credit_reward", backend, device, choices=BACKENDS, cpp_op="credit_reward")
 
 
 def credit_reward(
@@ -318,8 +281,9 @@ def credit_reward(
 ) -> CreditReward:
     """CREDIT token rewards and the per-response pMI diagnostics, fused: one read of every input.
 
-    Equal to ``credit.credit_rewards`` and ``credit.sequence_pmi`` (the oracle, backend="torch") up to fp32
-    summation order. Outputs carry no gradient: the rewards are advantages (stop-gradient) in the update.
+    Equal to ``credit_reward_ref`` (the oracle, backend="torch"; ``credit.credit_rewards`` and ``credit.sequence_pmi``
+    are its validated halves) up to fp32 summation order. Outputs carry no gradient: the rewards are advantages
+    (stop-gradient) in the update.
 
     Args:
         aligned: [B, T] bf16/fp16/fp32 (any float dtype, any strides), the aligned teacher's log-probs
@@ -331,7 +295,7 @@ def credit_reward(
         baseline: "mean" (beta = mean_m b^m) or "logmeanexp" (beta = logsumexp_m b^m - log M).
         backend: "auto" (CUDA -> "triton", or "cuda" without Triton; CPU -> "cpp" if the extension is built, else
             "torch"), "triton" (CPU tensors only under TRITON_INTERPRET=1), "cuda" (the compiled CUDA kernel),
-            "cpp" (the compiled CPU kernel), "torch" (the oracle, credit.rewards).
+            "cpp" (the compiled CPU kernel), "torch" (the oracle, credit_kernels.reference.credit_reward_ref).
         check_inputs: raise ValueError, naming the input, if any input holds NaN/inf at an unmasked position. It
             costs one device sync on the [B] outputs (a non-finite unmasked input always makes pmi or the
             surrogate non-finite), and the input scan runs only then. Skipped under torch.compile. With
@@ -341,9 +305,9 @@ def credit_reward(
         CreditReward(rewards [B, T], pmi [B], contrastive_pmi [B], contrastive_pmi_surrogate [B]), fp32.
     """
     fn = "credit_reward"
-    lam = _check_lam(fn, lam)
-    _check_baseline(fn, baseline)
-    _check_triple(fn, aligned, shuffled, student, mask)
+    lam = _core.check_lam(fn, lam)
+    _core.check_baseline(fn, baseline)
+    _core.check_reward_inputs(fn, aligned, shuffled, student, mask)
     if shuffled.shape[0] > MAX_PARTNERS:
         raise ValueError(
             f"{fn}: shuffled has M = {shuffled.shape[0]} partners; the fused op supports 1 <= M <= {MAX_PARTNERS} "
@@ -355,6 +319,10 @@ def credit_reward(
     ))
     if check_inputs and not torch.compiler.is_compiling() and out.pmi.numel():
         # one sync: a NaN/inf at an unmasked input position makes pmi (a, s) or the surrogate (a, b) non-finite
-        if not bool(torch.isfinite(out.pmi).all() & torch.isfinite(out.contrastive_pmi_surrogate).all()):
-            _raise_non_finite(fn, aligned, shuffled, student, mask)
+        _core.check_finite_outputs(
+            fn, torch.isfinite(out.pmi).all() & torch.isfinite(out.contrastive_pmi_surrogate).all(),
+            {"aligned": aligned, "shuffled": shuffled, "student": student},
+            keep=mask if mask.dtype == torch.bool else mask != 0,
+            overflow="a row sum overflowed fp32 (|sum_t a|, |sum_t s| or |sum_t b| exceeds 3.4e38)",
+        )
     return out

@@ -1,7 +1,7 @@
 """Prefix trie over a batch of token sequences: compute each shared prefix once.
 
-CREDIT scores every response under its own teacher context and M shuffled ones (../shared/CREDIT.md, "Why this
-is a kernel problem"); those sequences share long prefixes (template + prompt, the same sibling solution across
+CREDIT scores every response under its own teacher context and M shuffled ones (the method's "why this is a kernel
+problem"); those sequences share long prefixes (template + prompt, the same sibling solution across
 a group). `build_prefix_trie` packs the unique tokens of a batch into one buffer that a single forward pass with
 `tree_attention` can run, and maps every input position back to its packed row.
 
@@ -42,7 +42,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from credit_kernels._ext import HAS_EXT, use_ext
+from credit_kernels import _core
 
 __all__ = ["PrefixTrie", "build_prefix_trie", "gather_sequence_rows", "trie_stats"]
 
@@ -134,8 +134,11 @@ def _as_token_tensor(seq, s: int) -> torch.Tensor:
             if a.dtype.kind in "uO":  # Python ints that do not fit in int64
                 raise ValueError(f"build_prefix_trie: token ids in sequences[{s}] must fit in int64")
             raise TypeError(f"build_prefix_trie: sequences[{s}] must hold integer token ids; got dtype {a.dtype}")
+        # torch.from_numpy refuses negative strides (a reversed view) and warns on read-only arrays: copy those
         a = a.astype(np.int64, copy=False)
-        t = torch.from_numpy(a if a.flags.writeable else a.copy())
+        if not a.flags.writeable or any(st < 0 for st in a.strides):
+            a = a.copy()
+        t = torch.from_numpy(a)
     if t.dim() != 1:
         raise ValueError(f"build_prefix_trie: sequences[{s}] must be 1-D; got shape {tuple(t.shape)}")
     return t.to(device="cpu", dtype=torch.int64)
@@ -301,19 +304,14 @@ def _build_prefix_trie_python(flat: torch.Tensor, offsets: torch.Tensor) -> list
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _has_op() -> bool:
-    # An extension built before csrc/prefix_trie.cpp existed loads but lacks the op.
-    return HAS_EXT and hasattr(torch.ops.credit_C, "build_prefix_trie")
-
-
 def build_prefix_trie(
     sequences: Sequence[Sequence[int] | torch.Tensor], *, backend: Literal["auto", "cpp", "python"] = "auto"
 ) -> PrefixTrie:
     """Build the packed, path-compressed prefix trie of a batch of token sequences.
 
     Args:
-        sequences: S sequences, each a list of non-negative int token ids or a 1-D integer tensor (any device;
-            copied to the CPU). Empty sequences are allowed (they get no rows).
+        sequences: S sequences, each a list of non-negative int token ids, a 1-D integer numpy array or a 1-D integer
+            tensor (any device, any strides; copied to the CPU). Empty sequences are allowed (they get no rows).
         backend: "cpp" runs the compiled `torch.ops.credit_C.build_prefix_trie`, "python" the Python twin
             (identical output, slower), "auto" the compiled op when `credit_kernels._ext.use_ext()` allows it
             and the build has it, else the Python twin.
@@ -332,14 +330,9 @@ def build_prefix_trie(
     if backend not in ("auto", "cpp", "python"):
         raise ValueError(f"build_prefix_trie: backend must be 'auto', 'cpp' or 'python'; got {backend!r}")
     flat, offsets = _flatten_sequences(sequences)
-    if backend == "auto":
-        backend = "cpp" if use_ext("cpu") and _has_op() else "python"
+    backend = _core.resolve_backend("build_prefix_trie", backend, "cpu", choices=("auto", "cpp", "python"),
+                                    cpp_op="build_prefix_trie", fallback="python", unavailable=RuntimeError)
     if backend == "cpp":
-        if not _has_op():
-            raise RuntimeError(
-                "build_prefix_trie: backend='cpp' needs the compiled extension credit_kernels._C with "
-                "csrc/prefix_trie.cpp; build it with `pip install --no-build-isolation -e .` or use backend='python'"
-            )
         out = torch.ops.credit_C.build_prefix_trie(flat, offsets)
     else:
         out = _build_prefix_trie_python(flat, offsets)

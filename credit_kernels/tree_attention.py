@@ -29,22 +29,19 @@ and, with backend="flex", the BlockMask.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.utils.checkpoint
 
+from credit_kernels import _core
+from credit_kernels._core import HAS_TRITON, INTERPRET
 from credit_kernels.tree_attention_bwd import _tree_attention_bwd, _tree_attention_bwd_torch
 
-try:
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is a pinned requirement, but keep the package importable
-    HAS_TRITON = False
 
 # One fixed config (DESIGN: autotuning only behind CREDIT_AUTOTUNE=1). 64 x 64 tiles, 4 warps, 2 stages is
 # the usual flash-attention forward point for head dims 64/128 on sm_90; not yet tuned on a card.
@@ -57,10 +54,6 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BACKENDS = ("auto", "triton", "flex", "torch")
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class TreeAttentionOutput(NamedTuple):
@@ -218,7 +211,7 @@ def _tree_attention_fwd(q, k, v, plan: TreeAttentionPlan, scale: float):
     lse = torch.empty((u, hq), dtype=torch.float32, device=q.device)
     if u == 0:
         return out, lse
-    interp = _interpreting()
+    interp = INTERPRET
     grid = (plan.block_ptr.numel() - 1, hq)
     _tree_attention_fwd_kernel[grid](
         q, k, v, plan.visible_end, plan.block_ptr, plan.block_idx, out, lse,
@@ -237,6 +230,7 @@ def _tree_attention_fwd(q, k, v, plan: TreeAttentionPlan, scale: float):
 # torch.library registration
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("credit::tree_attention", mutates_args=())
+@_core.no_autocast
 def _tree_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -252,7 +246,7 @@ def _tree_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [U, Hq, D], lse [U, Hq] fp32). q_block_ptr / q_block_idx (the transposed CSR) serve the backward."""
     plan = TreeAttentionPlan(visible_end, block_ptr, block_idx, block_m, block_n)
-    if q.device.type == "cpu" and not _interpreting():  # CPU tensors run the reference, unless interpreting
+    if q.device.type == "cpu" and not INTERPRET:  # CPU tensors run the reference, unless interpreting
         out, lse = tree_attention_ref(q, k, v, visible_end, scale=scale)
         return out, lse
     return _tree_attention_fwd(q, k, v, plan, scale)
@@ -267,6 +261,7 @@ def _(q, k, v, visible_end, block_ptr, block_idx, scale, block_m, block_n, q_blo
 
 
 @torch.library.custom_op("credit::tree_attention_backward", mutates_args=())
+@_core.no_autocast
 def _tree_attention_backward_op(
     grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor],
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -275,7 +270,7 @@ def _tree_attention_backward_op(
     scale: float, block_m: int, block_n: int, needs_q_grad: bool, needs_kv_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dq [U, Hq, D] or [0], dk, dv [U, Hkv, D] or [0]) in the inputs' dtypes; grad_lse None: lse unused."""
-    if q.device.type == "cpu" and not _interpreting():
+    if q.device.type == "cpu" and not INTERPRET:
         dq, dk, dv = _tree_attention_bwd_torch(grad_out, grad_lse, q, k, v, out, lse, visible_end, scale)
     else:
         if q_block_ptr is None or q_block_idx is None:  # a plan built by hand: derive the transpose (one sync)
@@ -283,7 +278,7 @@ def _tree_attention_backward_op(
             q_block_ptr, q_block_idx = t.q_block_ptr, t.q_block_idx
         dq, dk, dv = _tree_attention_bwd(
             grad_out, grad_lse, q, k, v, out, lse, visible_end, block_ptr, block_idx, q_block_ptr, q_block_idx,
-            scale, block_m, block_n, needs_q_grad, needs_kv_grad, _interpreting(),
+            scale, block_m, block_n, needs_q_grad, needs_kv_grad, INTERPRET,
         )  # fmt: skip
     empty = q.new_empty((0,))
     return dq if needs_q_grad else empty, dk if needs_kv_grad else empty, dv if needs_kv_grad else empty.clone()
@@ -531,7 +526,7 @@ def tree_attention_plan(
     return plan
 
 
-def _check(q, k, v, ve, backend):
+def _check(q, k, v, ve):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"tree_attention: {name} must be a torch.Tensor; got {type(x)}")
@@ -555,17 +550,18 @@ def _check(q, k, v, ve, backend):
     if len({q.device, k.device, v.device, ve.device}) != 1:
         raise ValueError(f"tree_attention: q, k, v and tree.visible_end must share a device; got q {q.device}, "
                          f"k {k.device}, v {v.device}, visible_end {ve.device}")
-    if backend == "triton":
-        if q.device.type == "cpu" and not _interpreting():
-            raise ValueError("tree_attention: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-                             "triton is imported to run on CPU; got CPU tensors. Use backend='torch' on CPU.")
-        if not HAS_TRITON:
-            raise ValueError("tree_attention: backend='triton' needs the triton package, which is not installed")
-        if q.is_cuda and d not in GPU_HEAD_DIMS:
-            raise ValueError(f"tree_attention: backend='triton' supports head dim D in {GPU_HEAD_DIMS} on GPU; got "
-                             f"D={d}. Use backend='flex' or 'torch'.")
-        if d < 16 or d & (d - 1):
-            raise ValueError(f"tree_attention: backend='triton' needs a power-of-2 head dim >= 16; got D={d}")
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """auto: CUDA -> "triton" for the head dims it supports, else "flex"; CPU -> "torch"."""
+    d = q.shape[-1]
+    why = None
+    if q.is_cuda and d not in GPU_HEAD_DIMS:
+        why = f"supports head dim D in {GPU_HEAD_DIMS} on GPU; got D={d}. Use backend='flex' or 'torch'"
+    elif d < 16 or d & (d - 1):
+        why = f"needs a power-of-2 head dim >= 16; got D={d}"
+    return _core.resolve_backend("tree_attention", backend, q.device, choices=_BACKENDS, triton_unsupported=why,
+                                 fallback="flex" if q.is_cuda else "torch")
 
 
 def tree_attention(
@@ -588,9 +584,12 @@ def tree_attention(
             the flex BlockMask across layers), or any object with `visible_end` [U] int32/int64. A CPU visible_end is
             copied to q's device (once per call: prefer a plan on the device in a model's layers).
         scale: softmax scale, default D ** -0.5.
-        backend: "auto" (CUDA: "triton" for D in {64, 128}, else "flex"; CPU: "torch"), "triton"
+        backend: "auto" (CUDA: "triton" for D in GPU_HEAD_DIMS, else "flex"; CPU: "torch"), "triton"
             (CUDA, or CPU under TRITON_INTERPRET=1), "flex" (FlexAttention), "torch" (reference).
         check_inputs: validate visible_end's values (one device sync); False for hot loops.
+
+    q, k, v and visible_end may have any strides. Under torch.autocast, q, k and v are cast to the autocast dtype
+    first and the output comes back in it, as scaled_dot_product_attention does; lse stays fp32 (docs/kernels.md).
 
     Returns:
         TreeAttentionOutput(out [U, Hq, D] in q's dtype, lse [U, Hq] fp32 natural-log logsumexp of
@@ -599,21 +598,23 @@ def tree_attention(
     if backend not in _BACKENDS:
         raise ValueError(f"tree_attention: backend must be one of {_BACKENDS}; got {backend!r}")
     ve = _visible_end_of(tree)
+    q, k, v = _core.autocast_operands(q, k, v)  # as scaled_dot_product_attention under autocast
     on_cuda = isinstance(q, torch.Tensor) and q.is_cuda
     if isinstance(tree, TreeAttentionPlan) and on_cuda and not tree.block_ptr.is_cuda:
         raise ValueError("tree_attention: the TreeAttentionPlan lives on the CPU but q is on CUDA; build it with "
                          "tree_attention_plan(trie, device=q.device)")
     if on_cuda and ve.device.type == "cpu":  # PrefixTrie is built on the host
         ve = ve.to(q.device, non_blocking=True)
-    if backend == "auto":
-        if on_cuda:
-            backend = "triton" if q.shape[-1] in GPU_HEAD_DIMS else "flex"
-        else:
-            backend = "torch"
-    _check(q, k, v, ve, backend)
+    _check(q, k, v, ve)
+    backend = _resolve_backend(backend, q)
     if check_inputs and not isinstance(tree, TreeAttentionPlan):  # a plan was checked when it was built
         _check_visible_end_values(ve)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _run_backend(backend, q, k, v, ve, tree, scale)
+
+
+@_core.no_autocast  # the inputs are already in the dtype to compute from; the reference's matmuls stay in it
+def _run_backend(backend: str, q, k, v, ve, tree, scale: float) -> TreeAttentionOutput:
     if backend == "torch":
         return tree_attention_ref(q, k, v, ve, scale=scale)
     if backend == "flex":
@@ -622,6 +623,7 @@ def tree_attention(
         mask = tree.flex_block_mask if isinstance(tree, TreeAttentionPlan) else None
         return _tree_attention_flex(q, k, v, ve, scale, block_mask=mask)
     plan = tree if isinstance(tree, TreeAttentionPlan) else _build_plan(ve, BLOCK_M, BLOCK_N)
+    q, k, v = (_core.unit_stride_last(x) for x in (q, k, v))  # the kernel's one layout need (any other strides)
     out, lse = _tree_attention_op(q, k, v, plan.visible_end, plan.block_ptr, plan.block_idx, scale,
                                   plan.block_m, plan.block_n, plan.q_block_ptr, plan.q_block_idx)
     return TreeAttentionOutput(out, lse)

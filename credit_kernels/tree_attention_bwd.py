@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import torch
 
-try:
+from credit_kernels._core import HAS_TRITON
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is a pinned requirement, but keep the package importable
-    HAS_TRITON = False
 
 # Not tuned on a card (no GPU was available when this was written): the plan's 64 x 64 tiles, 4 warps and
 # 2 stages as the forward.

@@ -23,6 +23,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "credit_reward_args.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -34,13 +36,6 @@
 
 namespace credit {
 namespace {
-
-#define CHECK_CPU(x) \
-  TORCH_CHECK((x).device().is_cpu(), "credit_reward: " #x " must be a CPU tensor, got ", (x).device())
-#define CHECK_SHAPE(x, ...)                                                                                   \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), "credit_reward: " #x " must have shape (" #__VA_ARGS__ \
-              ") = ",                                                                                                  \
-              at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
 
 constexpr int64_t kChunk = 256;  // tokens per chunk; the per-thread buffers below (~9 KiB) stay in L1
 constexpr int kLanes = 16;       // independent fp32 partial sums: vectorisable without reassociating anything
@@ -200,28 +195,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> credit_reward_cpu(con
                                                                              const at::Tensor& student,
                                                                              const at::Tensor& mask, double lam,
                                                                              c10::string_view baseline) {
-  CHECK_CPU(aligned);
-  CHECK_CPU(shuffled);
-  CHECK_CPU(student);
-  CHECK_CPU(mask);
-  TORCH_CHECK(aligned.dim() == 2, "credit_reward: aligned must be [B, T], got shape ", aligned.sizes());
-  const int64_t B = aligned.size(0), T = aligned.size(1);
-  TORCH_CHECK(shuffled.dim() == 3, "credit_reward: shuffled must be [M, B, T], got shape ", shuffled.sizes());
-  const int64_t M = shuffled.size(0);
-  TORCH_CHECK(M >= 1, "credit_reward: shuffled must hold M >= 1 partners, got M = ", M);
-  CHECK_SHAPE(shuffled, M, B, T);
-  CHECK_SHAPE(student, B, T);
-  CHECK_SHAPE(mask, B, T);
-  TORCH_CHECK(aligned.scalar_type() == shuffled.scalar_type() && aligned.scalar_type() == student.scalar_type(),
-              "credit_reward: aligned, shuffled and student must share a dtype (the Python wrapper casts mixed "
-              "inputs to fp32), got ",
-              aligned.scalar_type(), ", ", shuffled.scalar_type(), ", ", student.scalar_type());
-  TORCH_CHECK(at::isFloatingType(aligned.scalar_type()), "credit_reward: inputs must be floating point, got ",
-              aligned.scalar_type());
-  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, "credit_reward: lam must be in [0, 1], got ", lam);
-  TORCH_CHECK(baseline == "mean" || baseline == "logmeanexp",
-              "credit_reward: baseline must be \"mean\" or \"logmeanexp\", got \"", std::string(baseline), "\"");
-  TORCH_CHECK(!mask.is_complex(), "credit_reward: mask must be bool or real numbers, got ", mask.scalar_type());
+  const CreditRewardShape shape = check_credit_reward_args(aligned, shuffled, student, mask, lam, baseline,
+                                                           c10::DeviceType::CPU, std::numeric_limits<int64_t>::max());
+  const int64_t B = shape.B, T = shape.T, M = shape.M;
 
   const auto f32 = aligned.options().dtype(at::kFloat);
   at::Tensor rewards = at::empty({B, T}, f32);

@@ -5,9 +5,10 @@
 //
 // Row chunks keep memory at chunk x V: each chunk's logits come from one MKL/oneDNN matmul, then one
 // multi-threaded pass per row. Sums are in double; the ranking compares the tempered logit in the
-// accumulation dtype (fp32 for bf16/fp16/fp32 inputs, like the Triton kernel), then the id.
-// Python twins: credit_kernels/reference.py (linear_topk_ref, linear_gather_ref) and
-// credit_kernels/linear_topk.py (_linear_logits_bwd_torch).
+// accumulation dtype (fp32 for bf16/fp16/fp32 inputs, like the Triton kernel), then the id. The forwards
+// return each row's max and log_norm = log sum exp(z - max) apart and the backward uses them (the precision
+// contract of linear_common.h). Python twins: credit_kernels/reference.py (linear_topk_fwd_ref,
+// linear_gather_fwd_ref, linear_logits_bwd_ref).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,24 +24,19 @@
 namespace credit {
 namespace {
 
-#define CHECK_SHAPE(x, ...) \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ "), got ", (x).sizes())
-
-void check_ids(const at::Tensor& ids, int64_t n) {
-  CHECK_CPU(ids);
-  CHECK_DIM(ids, 2);
-  TORCH_CHECK(ids.size(0) == n, "ids must have shape [N, k] with N = ", n, "; got ", ids.sizes());
-  TORCH_CHECK(ids.scalar_type() == at::kLong, "ids must be int64, got ", ids.scalar_type());
+void check_ids(const char* op, const at::Tensor& ids, int64_t n) {
+  CHECK_CPU(op, ids);
+  CHECK_DIM(op, ids, 2);
+  TORCH_CHECK(ids.size(0) == n, op, ": ids must have shape [N, k] with N = ", n, "; got ", ids.sizes());
+  CHECK_INT64(op, ids);
 }
 
-// max and log-sum-exp of a row of tempered logits, in double.
+// The three row statistics of the forwards: (m, log_norm, m + log_norm), written in the accumulation dtype.
 template <typename scalar_t>
-double row_lse(const scalar_t* row, int64_t vocab, scalar_t inv_temp) {
-  double m = -INFINITY;
-  for (int64_t v = 0; v < vocab; ++v) m = std::max(m, double(scalar_t(row[v] * inv_temp)));
-  double s = 0.0;
-  for (int64_t v = 0; v < vocab; ++v) s += std::exp(double(scalar_t(row[v] * inv_temp)) - m);
-  return m + std::log(s);
+void write_row_stats(double m, double log_s, int64_t r, scalar_t* lse, scalar_t* row_max, scalar_t* log_norm) {
+  row_max[r] = scalar_t(m);  // exact: m is one of the accumulation-dtype logits
+  log_norm[r] = scalar_t(log_s);
+  lse[r] = scalar_t(m + log_s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -58,7 +54,7 @@ struct Better {
 
 template <typename scalar_t>
 void topk_rows(const scalar_t* z, int64_t rows, int64_t vocab, int64_t k, scalar_t inv_temp, int64_t* ids,
-               scalar_t* logp, scalar_t* lse) {
+               scalar_t* logp, scalar_t* lse, scalar_t* row_max, scalar_t* log_norm) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     using Item = std::pair<scalar_t, int64_t>;
     Better<scalar_t> better;
@@ -68,7 +64,7 @@ void topk_rows(const scalar_t* z, int64_t rows, int64_t vocab, int64_t k, scalar
       const scalar_t* row = z + r * vocab;
       heap.clear();
       for (int64_t v = 0; v < vocab; ++v) {
-        scalar_t val = scalar_t(row[v] * inv_temp);
+        scalar_t val = tempered(row[v], inv_temp);
         if (std::isnan(val)) val = -INFINITY;  // keeps the order strict-weak; the row's NaN lse reports it
         const Item item{val, v};
         if (int64_t(heap.size()) < k) {
@@ -81,39 +77,38 @@ void topk_rows(const scalar_t* z, int64_t rows, int64_t vocab, int64_t k, scalar
         }
       }
       std::sort(heap.begin(), heap.end(), better);
-      const double l = row_lse(row, vocab, inv_temp);
-      lse[r] = scalar_t(l);
+      double m, s;
+      row_stats(row, vocab, inv_temp, m, s);
+      const double log_s = std::log(s);
+      write_row_stats(m, log_s, r, lse, row_max, log_norm);
       for (int64_t j = 0; j < k; ++j) {
         ids[r * k + j] = heap[j].second;
-        logp[r * k + j] = scalar_t(double(heap[j].first) - l);
+        logp[r * k + j] = scalar_t((double(heap[j].first) - m) - log_s);
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_topk_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                                                    int64_t k, double temperature, int64_t chunk_rows) {
-  check_matrices(hidden, weight);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_topk_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, int64_t k, double temperature, int64_t chunk_rows) {
+  constexpr const char* op = "linear_topk_fwd";
+  check_matrices(op, hidden, weight);
   const int64_t n = hidden.size(0), vocab = weight.size(0);
-  TORCH_CHECK(k >= 1 && k <= vocab, "k must lie in [1, V=", vocab, "], got ", k);
-  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
-  const auto acc = acc_type(hidden);
-  const auto opts = hidden.options().dtype(acc);
+  TORCH_CHECK(k >= 1 && k <= vocab, op, ": k must lie in [1, V=", vocab, "], got ", k);
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+  const auto opts = hidden.options().dtype(acc_type(hidden));
   at::Tensor ids = at::empty({n, k}, hidden.options().dtype(at::kLong));
   at::Tensor logp = at::empty({n, k}, opts), lse = at::empty({n}, opts);
-  if (n == 0) return {ids, logp, lse};
-  const at::Tensor w = weight.to(acc).contiguous();
-  const int64_t step = pick_chunk(chunk_rows, vocab);
-  for (int64_t start = 0; start < n; start += step) {
-    const int64_t rows = std::min(step, n - start);
-    const at::Tensor z = at::mm(hidden.narrow(0, start, rows).to(acc), w.t()).contiguous();
-    AT_DISPATCH_FLOATING_TYPES(acc, "linear_topk_fwd_cpu", [&] {
+  at::Tensor row_max = at::empty({n}, opts), log_norm = at::empty({n}, opts);
+  chunked_linear_forward(hidden, weight, chunk_rows, [&](const at::Tensor& z, int64_t start, int64_t rows) {
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "linear_topk_fwd_cpu", [&] {
       topk_rows<scalar_t>(z.data_ptr<scalar_t>(), rows, vocab, k, scalar_t(1.0 / temperature),
                           ids.data_ptr<int64_t>() + start * k, logp.data_ptr<scalar_t>() + start * k,
-                          lse.data_ptr<scalar_t>() + start);
+                          lse.data_ptr<scalar_t>() + start, row_max.data_ptr<scalar_t>() + start,
+                          log_norm.data_ptr<scalar_t>() + start);
     });
-  }
-  return {ids, logp, lse};
+  });
+  return {ids, logp, lse, row_max, log_norm};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -122,17 +117,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_topk_fwd_cpu(const at::Ten
 
 template <typename scalar_t>
 void gather_rows(const scalar_t* z, int64_t rows, int64_t vocab, int64_t k, const int64_t* ids, scalar_t inv_temp,
-                 bool want_tail, scalar_t* logp, scalar_t* tail, scalar_t* lse) {
+                 bool want_tail, scalar_t* logp, scalar_t* tail, scalar_t* lse, scalar_t* row_max,
+                 scalar_t* log_norm) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> sorted(k);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = z + r * vocab;
       const int64_t* rid = ids + r * k;
-      const double l = row_lse(row, vocab, inv_temp);
-      lse[r] = scalar_t(l);
+      double row_m, s;
+      row_stats(row, vocab, inv_temp, row_m, s);
+      const double log_s = std::log(s);
+      write_row_stats(row_m, log_s, r, lse, row_max, log_norm);
       for (int64_t j = 0; j < k; ++j) {
-        TORCH_CHECK(rid[j] >= 0 && rid[j] < vocab, "ids[", r, ", ", j, "] = ", rid[j], " is outside [0, ", vocab, ")");
-        logp[r * k + j] = scalar_t(double(scalar_t(row[rid[j]] * inv_temp)) - l);
+        TORCH_CHECK(rid[j] >= 0 && rid[j] < vocab, "linear_gather_fwd: ids[", r, ", ", j, "] = ", rid[j],
+                    " is outside [0, ", vocab, ")");
+        logp[r * k + j] = scalar_t((double(tempered(row[rid[j]], inv_temp)) - row_m) - log_s);
       }
       if (!want_tail) continue;
       // logsumexp over the ids NOT in the row: walk the sorted ids alongside v (duplicates count once)
@@ -145,104 +144,104 @@ void gather_rows(const scalar_t* z, int64_t rows, int64_t vocab, int64_t k, cons
           while (p < k && sorted[p] == v) ++p;
           continue;
         }
-        m = std::max(m, double(scalar_t(row[v] * inv_temp)));
+        m = std::max(m, double(tempered(row[v], inv_temp)));
       }
       if (m == -INFINITY) {  // the ids cover the vocabulary: the tail is empty
         tail[r] = scalar_t(-INFINITY);
         continue;
       }
-      double s = 0.0;
+      double rest = 0.0;
       p = 0;
       for (int64_t v = 0; v < vocab; ++v) {
         if (p < k && sorted[p] == v) {
           while (p < k && sorted[p] == v) ++p;
           continue;
         }
-        s += std::exp(double(scalar_t(row[v] * inv_temp)) - m);
+        rest += std::exp(double(tempered(row[v], inv_temp)) - m);
       }
-      tail[r] = scalar_t(m + std::log(s) - l);
+      tail[r] = scalar_t(((m - row_m) + std::log(rest)) - log_s);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_gather_fwd_cpu(const at::Tensor& hidden,
-                                                                      const at::Tensor& weight, const at::Tensor& ids,
-                                                                      double temperature, bool tail,
-                                                                      int64_t chunk_rows) {
-  check_matrices(hidden, weight);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_gather_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& ids, double temperature, bool tail,
+    int64_t chunk_rows) {
+  constexpr const char* op = "linear_gather_fwd";
+  check_matrices(op, hidden, weight);
   const int64_t n = hidden.size(0), vocab = weight.size(0);
-  check_ids(ids, n);
-  TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  check_ids(op, ids, n);
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
   const int64_t k = ids.size(1);
-  const auto acc = acc_type(hidden);
-  const auto opts = hidden.options().dtype(acc);
+  const auto opts = hidden.options().dtype(acc_type(hidden));
   at::Tensor logp = at::empty({n, k}, opts), lse = at::empty({n}, opts);
+  at::Tensor row_max = at::empty({n}, opts), log_norm = at::empty({n}, opts);
   at::Tensor tail_out = at::empty({tail ? n : 0}, opts);
-  if (n == 0) return {logp, tail_out, lse};
-  const at::Tensor w = weight.to(acc).contiguous();
   const at::Tensor ids_c = ids.contiguous();
-  const int64_t step = pick_chunk(chunk_rows, vocab);
-  for (int64_t start = 0; start < n; start += step) {
-    const int64_t rows = std::min(step, n - start);
-    const at::Tensor z = at::mm(hidden.narrow(0, start, rows).to(acc), w.t()).contiguous();
-    AT_DISPATCH_FLOATING_TYPES(acc, "linear_gather_fwd_cpu", [&] {
+  chunked_linear_forward(hidden, weight, chunk_rows, [&](const at::Tensor& z, int64_t start, int64_t rows) {
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "linear_gather_fwd_cpu", [&] {
       gather_rows<scalar_t>(z.data_ptr<scalar_t>(), rows, vocab, k, ids_c.data_ptr<int64_t>() + start * k,
                             scalar_t(1.0 / temperature), tail, logp.data_ptr<scalar_t>() + start * k,
-                            tail ? tail_out.data_ptr<scalar_t>() + start : nullptr, lse.data_ptr<scalar_t>() + start);
+                            tail ? tail_out.data_ptr<scalar_t>() + start : nullptr, lse.data_ptr<scalar_t>() + start,
+                            row_max.data_ptr<scalar_t>() + start, log_norm.data_ptr<scalar_t>() + start);
     });
-  }
-  return {logp, tail_out, lse};
+  });
+  return {logp, tail_out, lse, row_max, log_norm};
 }
 
 // ---------------------------------------------------------------------------------------------
 // shared backward
 // ---------------------------------------------------------------------------------------------
 
-// In place: z (raw h W^T) becomes dz for one chunk:
-//   dz = (coef p + coef_rest exp(min(z - lse_rest, 0))) / T, then dz[ids[j]] = fix[j] / T.
+// In place: z (raw h W^T) becomes dz for one chunk, with zt the tempered logit and s = zt - row_max:
+//   dz = (coef exp(s - log_norm) + coef_rest exp(min(s - rest_shift, 0))) / T, then dz[ids[j]] = fix[j] / T.
 template <typename scalar_t>
 void bwd_rows(scalar_t* z, int64_t rows, int64_t vocab, int64_t k, const int64_t* ids, const scalar_t* fix,
-              double inv_temp, const scalar_t* lse, const scalar_t* coef, const scalar_t* lse_rest,
-              const scalar_t* coef_rest) {
+              scalar_t inv_temp, const scalar_t* row_max, const scalar_t* log_norm, const scalar_t* coef,
+              const scalar_t* rest_shift, const scalar_t* coef_rest) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    const double it = double(inv_temp);
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* row = z + r * vocab;
-      const double l = double(lse[r]), c = double(coef[r]);
-      const double lr = lse_rest ? double(lse_rest[r]) : 0.0, cr = lse_rest ? double(coef_rest[r]) : 0.0;
+      const double m = double(row_max[r]), ln = double(log_norm[r]), c = double(coef[r]);
+      const double rs = rest_shift ? double(rest_shift[r]) : 0.0, cr = rest_shift ? double(coef_rest[r]) : 0.0;
       for (int64_t v = 0; v < vocab; ++v) {
-        const double zz = double(row[v]) * inv_temp;
-        double dz = c * std::exp(zz - l);
-        if (lse_rest) dz += cr * std::exp(std::min(zz - lr, 0.0));
-        row[v] = scalar_t(dz * inv_temp);
+        const double s = double(tempered(row[v], inv_temp)) - m;
+        double dz = c * std::exp(s - ln);
+        if (rest_shift) dz += cr * std::exp(std::min(s - rs, 0.0));
+        row[v] = scalar_t(dz * it);
       }
-      for (int64_t j = 0; j < k; ++j) row[ids[r * k + j]] = scalar_t(double(fix[r * k + j]) * inv_temp);
+      for (int64_t j = 0; j < k; ++j) row[ids[r * k + j]] = scalar_t(double(fix[r * k + j]) * it);
     }
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_logits_bwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& ids, const at::Tensor& fix,
-    const at::Tensor& lse, const at::Tensor& coef, const c10::optional<at::Tensor>& lse_rest,
-    const c10::optional<at::Tensor>& coef_rest, double temperature, bool needs_hidden_grad, bool needs_weight_grad,
-    int64_t chunk_rows) {
-  check_matrices(hidden, weight);
+    const at::Tensor& row_max, const at::Tensor& log_norm, const at::Tensor& coef,
+    const c10::optional<at::Tensor>& rest_shift, const c10::optional<at::Tensor>& coef_rest, double temperature,
+    bool needs_hidden_grad, bool needs_weight_grad, int64_t chunk_rows) {
+  constexpr const char* op = "linear_logits_bwd";
+  check_matrices(op, hidden, weight);
   const int64_t n = hidden.size(0), vocab = weight.size(0);
-  check_ids(ids, n);
+  check_ids(op, ids, n);
   const int64_t k = ids.size(1);
-  CHECK_SHAPE(fix, n, k);
-  CHECK_SHAPE(lse, n);
-  CHECK_SHAPE(coef, n);
-  const bool has_rest = lse_rest.has_value() && lse_rest->defined();
-  TORCH_CHECK(has_rest == (coef_rest.has_value() && coef_rest->defined()),
-              "lse_rest and coef_rest must be given together");
+  CHECK_SHAPE(op, fix, n, k);
+  CHECK_SHAPE(op, row_max, n);
+  CHECK_SHAPE(op, log_norm, n);
+  CHECK_SHAPE(op, coef, n);
+  const bool has_rest = rest_shift.has_value() && rest_shift->defined();
+  TORCH_CHECK(has_rest == (coef_rest.has_value() && coef_rest->defined()), op,
+              ": rest_shift and coef_rest must be given together");
   const auto acc = acc_type(hidden);
   auto as_acc = [&](const at::Tensor& t) { return t.to(acc).contiguous(); };
-  const at::Tensor ids_c = ids.contiguous(), fix_c = as_acc(fix), lse_c = as_acc(lse), coef_c = as_acc(coef);
-  at::Tensor lr_c, cr_c;
+  const at::Tensor ids_c = ids.contiguous(), fix_c = as_acc(fix), max_c = as_acc(row_max), norm_c = as_acc(log_norm),
+                   coef_c = as_acc(coef);
+  at::Tensor rs_c, cr_c;
   if (has_rest) {
-    CHECK_SHAPE(*lse_rest, n);
-    CHECK_SHAPE(*coef_rest, n);
-    lr_c = as_acc(*lse_rest);
+    CHECK_SHAPE(op, *rest_shift, n);
+    CHECK_SHAPE(op, *coef_rest, n);
+    rs_c = as_acc(*rest_shift);
     cr_c = as_acc(*coef_rest);
   }
   return chunked_linear_backward(hidden, weight, needs_hidden_grad, needs_weight_grad, chunk_rows,
@@ -250,8 +249,8 @@ std::tuple<at::Tensor, at::Tensor> linear_logits_bwd_cpu(
     AT_DISPATCH_FLOATING_TYPES(acc, "linear_logits_bwd_cpu", [&] {
       auto rowp = [&](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() + start : nullptr; };
       bwd_rows<scalar_t>(z.data_ptr<scalar_t>(), rows, vocab, k, ids_c.data_ptr<int64_t>() + start * k,
-                         fix_c.data_ptr<scalar_t>() + start * k, 1.0 / temperature, rowp(lse_c), rowp(coef_c),
-                         rowp(lr_c), rowp(cr_c));
+                         fix_c.data_ptr<scalar_t>() + start * k, scalar_t(1.0 / temperature), rowp(max_c),
+                         rowp(norm_c), rowp(coef_c), rowp(rs_c), rowp(cr_c));
     });
   });
 }
@@ -260,12 +259,12 @@ std::tuple<at::Tensor, at::Tensor> linear_logits_bwd_cpu(
 
 TORCH_LIBRARY_FRAGMENT(credit_C, m) {
   m.def("linear_topk_fwd(Tensor hidden, Tensor weight, int k, float temperature, int chunk_rows) "
-        "-> (Tensor ids, Tensor logp, Tensor lse)");
+        "-> (Tensor ids, Tensor logp, Tensor lse, Tensor row_max, Tensor log_norm)");
   m.def("linear_gather_fwd(Tensor hidden, Tensor weight, Tensor ids, float temperature, bool tail, int chunk_rows) "
-        "-> (Tensor logp, Tensor tail, Tensor lse)");
-  m.def("linear_logits_bwd(Tensor hidden, Tensor weight, Tensor ids, Tensor fix, Tensor lse, Tensor coef, "
-        "Tensor? lse_rest, Tensor? coef_rest, float temperature, bool needs_hidden_grad, bool needs_weight_grad, "
-        "int chunk_rows) -> (Tensor d_hidden, Tensor d_weight)");
+        "-> (Tensor logp, Tensor tail, Tensor lse, Tensor row_max, Tensor log_norm)");
+  m.def("linear_logits_bwd(Tensor hidden, Tensor weight, Tensor ids, Tensor fix, Tensor row_max, Tensor log_norm, "
+        "Tensor coef, Tensor? rest_shift, Tensor? coef_rest, float temperature, bool needs_hidden_grad, "
+        "bool needs_weight_grad, int chunk_rows) -> (Tensor d_hidden, Tensor d_weight)");
 }
 
 TORCH_LIBRARY_IMPL(credit_C, CPU, m) {

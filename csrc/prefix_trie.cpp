@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -29,9 +31,6 @@
 namespace credit {
 namespace {
 
-#define CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
-#define CHECK_DIM(x, n) TORCH_CHECK((x).dim() == (n), #x " must be " #n "-D, got shape ", (x).sizes())
-#define CHECK_INT64(x) TORCH_CHECK((x).scalar_type() == at::kLong, #x " must be int64, got ", (x).scalar_type())
 
 struct Node {
   int64_t src;      // offset in flat_tokens of the node's first token (in any sequence holding the run)
@@ -101,12 +100,13 @@ inline int64_t common_prefix(const int64_t* a, const int64_t* b, int64_t n) {
 }
 
 void check_inputs(const at::Tensor& flat_tokens, const at::Tensor& seq_offsets) {
-  CHECK_CPU(flat_tokens);
-  CHECK_CPU(seq_offsets);
-  CHECK_DIM(flat_tokens, 1);
-  CHECK_DIM(seq_offsets, 1);
-  CHECK_INT64(flat_tokens);
-  CHECK_INT64(seq_offsets);
+  constexpr const char* op = "build_prefix_trie";
+  CHECK_CPU(op, flat_tokens);
+  CHECK_CPU(op, seq_offsets);
+  CHECK_DIM(op, flat_tokens, 1);
+  CHECK_DIM(op, seq_offsets, 1);
+  CHECK_INT64(op, flat_tokens);
+  CHECK_INT64(op, seq_offsets);
   TORCH_CHECK(seq_offsets.numel() >= 1, "seq_offsets must have S+1 >= 1 entries, got 0");
 }
 

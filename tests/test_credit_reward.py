@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from credit import credit_rewards, sdpo_rewards, sequence_pmi
-from credit_kernels import _ext
+from credit_kernels import _core, _ext
 from tests.utils import HAS_CUDA, HAS_TRITON, INTERPRET, assert_close_verbose
 
 # the module, not the function of the same name that credit_kernels may re-export
@@ -79,7 +79,7 @@ def _assert_matches(out, expected, scales, rtol, what):
 @pytest.mark.parametrize("baseline", ["mean", "logmeanexp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_oracle_and_fp64(backend, b, t, m, baseline, dtype, monkeypatch):
-    monkeypatch.setattr(cr, "POISON", True)  # an output element the kernel forgets to write stays NaN
+    monkeypatch.setattr(_core, "POISON", True)  # an output element the kernel forgets to write stays NaN
     a, sh, s, mask = _inputs(b, t, m, dtype)
     pa, psh, ps = _poison(a, mask), _poison(sh, mask), _poison(s, mask)
     out = credit_reward(pa, psh, ps, mask, lam=0.3, baseline=baseline, backend=backend)
@@ -326,7 +326,7 @@ GPU_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.skipif(not _ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("baseline", ["mean", "logmeanexp"])
 def test_gpu_matches_oracle(backend, b, t, m, dtype, baseline, monkeypatch):
-    monkeypatch.setattr(cr, "POISON", True)
+    monkeypatch.setattr(_core, "POISON", True)
     a, sh, s, mask = _inputs(b, t, m, dtype, device="cuda")
     pa, psh, ps = _poison(a, mask), _poison(sh, mask), _poison(s, mask)
     out = credit_reward(pa, psh, ps, mask, lam=0.3, baseline=baseline, backend=backend)

@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from credit_kernels import _core
 from credit_kernels._ext import HAS_EXT, override_ext
 from credit_kernels.prefix_trie import PrefixTrie, build_prefix_trie, gather_sequence_rows, trie_stats
 
@@ -281,7 +282,7 @@ def test_auto_backend_follows_override(monkeypatch):
     assert calls == [1]  # the compiled op ran
     assert_same_trie(forbidden, forced)
     # an extension built before csrc/prefix_trie.cpp: "auto" falls back, "cpp" says how to fix it
-    monkeypatch.setattr(mod, "_has_op", lambda: False)
+    monkeypatch.setattr(_core, "has_cpp_op", lambda name: name != "build_prefix_trie")
     assert_same_trie(build_prefix_trie(seqs), forced)
     assert calls == [1, 1]
     with pytest.raises(RuntimeError, match="backend='cpp' needs the compiled extension"):

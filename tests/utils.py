@@ -55,3 +55,135 @@ def save_test_tokenizer(directory: str) -> str:
     gguf_dir, name = embedded_gguf()
     AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name).save_pretrained(directory)
     return directory
+
+
+# Layouts a caller may hand any op: same values, different strides / offsets. "expanded" broadcasts x[:1]
+# along dim 0 (stride 0), so its values are x[0] repeated; compare a view against view.contiguous().
+VIEW_KINDS = ("contiguous", "strided", "sliced", "expanded", "transposed", "offset")
+
+
+def make_view(x: torch.Tensor, kind: str, *, requires_grad: bool = False) -> torch.Tensor | None:
+    """A view of a fresh base tensor holding x's values (see VIEW_KINDS), or None where the shape does not allow it.
+
+    strided: step 2 along every dim; sliced: x[:, -1] of a tensor with an extra dim 1 of size 3 (hidden[:, -1] of
+    [B, T, d]); expanded: stride 0 along dim 0; transposed: dims 0 and -1 swapped in memory (a [d, N] tensor .T);
+    offset: a non-zero storage offset. With requires_grad the base is a leaf and the view carries its gradient.
+    """
+    x = x.detach()
+    if kind == "contiguous":
+        base, pick = x.clone(), lambda b: b
+    elif kind == "strided":
+        every_other = tuple(slice(None, None, 2) for _ in range(x.dim()))
+        base = x.new_zeros([2 * s for s in x.shape])
+        base[every_other] = x
+        pick = lambda b: b[every_other]  # noqa: E731
+    elif kind == "sliced":
+        if x.dim() < 1:
+            return None
+        base = x.new_zeros((x.shape[0], 3, *x.shape[1:]))
+        base[:, -1] = x
+        pick = lambda b: b[:, -1]  # noqa: E731
+    elif kind == "expanded":
+        if x.dim() < 1 or x.shape[0] < 2:
+            return None
+        base, pick = x[:1].clone(), lambda b: b.expand(x.shape)
+    elif kind == "transposed":
+        if x.dim() < 2:
+            return None
+        base, pick = x.transpose(0, -1).contiguous(), lambda b: b.transpose(0, -1)
+    elif kind == "offset":
+        base = torch.cat([x.new_zeros(7), x.flatten()])
+        pick = lambda b: b[7:].view(x.shape)  # noqa: E731
+    else:
+        raise ValueError(f"unknown view kind {kind!r}")
+    if requires_grad:
+        base.requires_grad_()
+    view = pick(base)
+    assert torch.equal(view.detach().contiguous(), x if kind != "expanded" else x[:1].expand(x.shape)), kind
+    return view
+
+
+# ---- linear_topk / linear_gather helpers (tests/test_linear_topk.py, tests/test_linear_gather.py) ----
+
+
+def logits_inputs(n, d, vocab, dtype, *, scale=1.0, device="cpu"):
+    """hidden [n, d] and weight [vocab, d] whose logits are O(1) (times `scale`)."""
+    hidden = (torch.randn(n, d) * scale).to(dtype).to(device)
+    weight = (torch.randn(vocab, d) / d**0.5 * 4).to(dtype).to(device)
+    return hidden, weight
+
+
+def random_ids(n, vocab, k, *, dupes=True):
+    """[n, k] random token ids, with a repeated id in every row when k >= 3."""
+    ids = torch.randint(0, vocab, (n, k))
+    if dupes and k >= 3:
+        ids[:, -1] = ids[:, 0]
+    return ids
+
+
+def naive_logit_grads(hidden, weight, ids, g_logp, g_row, temperature, tail, *, log_softmax=False):
+    """Gradients of the same-dtype torch path (matmul in the input dtype, fp32 softmax): the error bar.
+
+    Upstream g_logp on the log-probs at ids, g_row on the tail (tail=True) or on the logsumexp (tail=False).
+    log_softmax: take the log-probs (and the tail) from z.log_softmax(-1), whose backward works in shifted units,
+    instead of z - logsumexp(z), whose backward scales each row by exp of the rounding of its logsumexp (the two
+    differ once |z| is large: ~5e-4 relative at |z| ~ 1e4).
+    """
+    hn = hidden.clone().requires_grad_()
+    wn = weight.clone().requires_grad_()
+    logits = (hn @ wn.T).float() / temperature
+    lse = logits.logsumexp(-1)
+    gathered = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, ids, True)
+    if log_softmax:
+        logp_all = logits.log_softmax(-1)
+        logp = logp_all.gather(-1, ids)
+        extra = logp_all.masked_fill(gathered, float("-inf")).logsumexp(-1) if tail else lse
+    else:
+        logp = logits.gather(-1, ids) - lse[:, None]
+        extra = logits.masked_fill(gathered, float("-inf")).logsumexp(-1) - lse if tail else lse
+    ((logp * g_logp).sum() + (extra * g_row).sum()).backward()
+    return hn.grad, wn.grad
+
+
+def check_logit_gradients(op: str, backend: str, shape, dtype):
+    """linear_topk (op="topk": logp + lse) or linear_gather ("gather": logp + tail) gradients for a random
+    upstream, against fp64 autograd of the reference at the same ids: at most 2x the same-dtype torch path's
+    error, plus a little."""
+    from credit_kernels import linear_gather, linear_topk
+    from credit_kernels.reference import linear_gather_ref
+
+    n, d, vocab, k = shape
+    temperature = 1.3 if op == "topk" else 0.8
+    hidden, weight = logits_inputs(n, d, vocab, dtype)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    g_logp, g_row = torch.randn(n, k), torch.randn(n)
+    if op == "topk":
+        out = linear_topk(h, w, k, temperature=temperature, backend=backend)
+        ids, row = out.ids, out.lse
+    else:
+        ids = random_ids(n, vocab, k)
+        out = linear_gather(h, w, ids, temperature=temperature, backend=backend)
+        row = out.tail
+    ((out.logp * g_logp).sum() + (row * g_row).sum()).backward()
+    assert h.grad.dtype == dtype and w.grad.dtype == dtype
+
+    # fp64 autograd of the reference, at the same ids (top-k ids are not differentiable)
+    h64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    r_logp, r_tail, r_lse = linear_gather_ref(h64, w64, ids, temperature=temperature, return_lse=True)
+    r_row = r_lse if op == "topk" else r_tail
+    ((r_logp * g_logp.double()).sum() + (r_row * g_row.double()).sum()).backward()
+    # the same-dtype torch path sets the bar: at most 2x its error, plus a little
+    nh, nw = naive_logit_grads(hidden, weight, ids, g_logp, g_row, temperature, tail=op == "gather")
+    for ours, naive, exact, name in [(h.grad, nh, h64.grad, "d_hidden"), (w.grad, nw, w64.grad, "d_weight")]:
+        bar = (naive.double() - exact).abs().max().item()
+        assert_close_verbose(ours, exact, atol=2 * bar + 1e-4, name=name)
+
+
+def large_logit_inputs(n=256, d=32, vocab=500):
+    """fp32 hidden and weight with |logit| ~ 1.3e4 (an fp32 ulp there is ~1e-3): most rows nearly one-hot."""
+    hidden = torch.randn(n, d) * 25.0
+    weight = torch.randn(vocab, d) / d**0.5 * 100.0
+    return hidden, weight
+

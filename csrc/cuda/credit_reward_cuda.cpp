@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "credit_reward_args.h"
+
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -22,13 +24,6 @@ namespace credit {
 namespace {
 
 constexpr int64_t kMaxPartners = 64;  // kMaxPartners in credit_reward.cu
-
-#define CHECK_CUDA(x) \
-  TORCH_CHECK((x).device().is_cuda(), "credit_reward: " #x " must be a CUDA tensor, got ", (x).device())
-#define CHECK_SHAPE(x, ...)                                                                                   \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), "credit_reward: " #x " must have shape (" #__VA_ARGS__ \
-              ") = ",                                                                                                  \
-              at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
 
 int dtype_code(at::ScalarType t) {
   switch (t) {
@@ -50,32 +45,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> credit_reward_cuda(co
                                                                               const at::Tensor& student,
                                                                               const at::Tensor& mask, double lam,
                                                                               c10::string_view baseline) {
-  CHECK_CUDA(aligned);
-  CHECK_CUDA(shuffled);
-  CHECK_CUDA(student);
-  CHECK_CUDA(mask);
-  TORCH_CHECK(shuffled.device() == aligned.device() && student.device() == aligned.device() &&
-                  mask.device() == aligned.device(),
-              "credit_reward: all tensors must be on one device, got ", aligned.device(), ", ", shuffled.device(),
-              ", ", student.device(), ", ", mask.device());
-  TORCH_CHECK(aligned.dim() == 2, "credit_reward: aligned must be [B, T], got shape ", aligned.sizes());
-  const int64_t B = aligned.size(0), T = aligned.size(1);
-  TORCH_CHECK(shuffled.dim() == 3, "credit_reward: shuffled must be [M, B, T], got shape ", shuffled.sizes());
-  const int64_t M = shuffled.size(0);
-  TORCH_CHECK(M >= 1 && M <= kMaxPartners, "credit_reward (CUDA): shuffled must hold 1 <= M <= ", kMaxPartners,
-              " partners, got M = ", M);
-  CHECK_SHAPE(shuffled, M, B, T);
-  CHECK_SHAPE(student, B, T);
-  CHECK_SHAPE(mask, B, T);
-  TORCH_CHECK(aligned.scalar_type() == shuffled.scalar_type() && aligned.scalar_type() == student.scalar_type(),
-              "credit_reward: aligned, shuffled and student must share a dtype (the Python wrapper casts mixed "
-              "inputs to fp32), got ",
-              aligned.scalar_type(), ", ", shuffled.scalar_type(), ", ", student.scalar_type());
+  const CreditRewardShape shape = check_credit_reward_args(aligned, shuffled, student, mask, lam, baseline,
+                                                           c10::DeviceType::CUDA, kMaxPartners);
+  const int64_t B = shape.B, T = shape.T, M = shape.M;
   const int code = dtype_code(aligned.scalar_type());
-  TORCH_CHECK(lam >= 0.0 && lam <= 1.0, "credit_reward: lam must be in [0, 1], got ", lam);
-  TORCH_CHECK(baseline == "mean" || baseline == "logmeanexp",
-              "credit_reward: baseline must be \"mean\" or \"logmeanexp\", got \"", std::string(baseline), "\"");
-  TORCH_CHECK(!mask.is_complex(), "credit_reward: mask must be bool or real numbers, got ", mask.scalar_type());
   TORCH_CHECK(B <= 0x7fffffffLL, "credit_reward (CUDA): at most 2^31 - 1 rows (one block per row), got B = ", B);
 
   const c10::cuda::CUDAGuard guard(aligned.device());
