@@ -2,7 +2,8 @@
 # One prepared GPU run: build the extension, run the kernel tests on the GPU, sweep and run the benchmarks.
 #   bash bench/gpu_check.sh            # results in $OUT (the device tool's folder) or bench/results/gpu/
 #   STAGES="build tests logprob" bash bench/gpu_check.sh  # a subset, in this order: build tests trainer retest
-#                                                          #   sweep topk scoring credit_reward tree logprob
+#                                                          #   sweep sweep_kernels topk scoring credit_reward tree
+#                                                          #   logprob
 #   RETEST="tests/x.py::test_y ..." STAGES="build retest" bash bench/gpu_check.sh   # full tracebacks of a few tests
 # Each stage has its own timeout, so one slow or broken stage never hides the others. Stage times on an H200
 # (2026-11-27): build 42 s, tests 109 s, sweep 23 s, topk (2 shapes) 91 s, scoring anchors 70 s + sdpo > 100 s,
@@ -17,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"build tests trainer sweep topk scoring credit_reward tree logprob"}
+STAGES=${STAGES:-"build tests trainer sweep sweep_kernels topk scoring credit_reward tree logprob"}
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 start=$(date +%s)
@@ -39,8 +40,9 @@ if has tests; then
   stamp tests
   # the kernel suites run their Triton cases on the GPU when CUDA is there (tests/utils.py TRITON_DEVICE)
   timeout 200 $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 120 --maxfail 30 \
-    tests/test_linear_logprob.py tests/test_linear_topk.py tests/test_credit_reward.py tests/test_rewards.py \
-    tests/test_tree_attention.py tests/test_scorer.py 2>&1 | tail -60
+    tests/test_linear_logprob.py tests/test_linear_topk.py tests/test_linear_gather.py tests/test_credit_reward.py \
+    tests/test_rewards.py tests/test_tree_attention.py tests/test_tree_attention_backward.py tests/test_views.py \
+    tests/test_autocast.py tests/test_scorer.py 2>&1 | tail -60
 fi
 if has trainer; then
   stamp trainer
@@ -61,6 +63,11 @@ fi
 if has sweep; then
   stamp sweep
   timeout 90 $PY bench/sweep_logprob.py --out "$OUT/sweep_logprob.json"
+fi
+if has sweep_kernels; then
+  stamp sweep_kernels
+  # dz (backward), top-k, gather, tree attention and credit_reward launch configs (bench/sweep_kernels.py)
+  timeout 240 $PY bench/sweep_kernels.py --out "$OUT/sweep_kernels.json" ${SWEEP_ARGS:-}
 fi
 if has scoring; then
   stamp scoring

@@ -14,6 +14,7 @@ backward 3-30x further from fp64 than the materialised path there. z - m is exac
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -79,7 +80,38 @@ if HAS_TRITON:
 # ---------------------------------------------------------------------------------------------------------------------
 # host side: configs, the vocabulary split and its combine
 # ---------------------------------------------------------------------------------------------------------------------
+# Launch-config overrides, for sweeps only (bench/sweep_kernels.py): kernel name -> fields that replace the fixed
+# config's. Names: "logprob_fwd", "logprob_dz" (linear_logprob), "topk", "gather", "logits_dz" (their backward).
+# Empty in normal use, so the fixed configs below are what every user runs.
+_OVERRIDES: dict[str, dict] = {}
+
+
+@contextlib.contextmanager
+def override_config(kernel: str, **fields):
+    """Within the block, launch `kernel` with `fields` replacing its fixed config (e.g. BLOCK_V=256, num_warps=4)."""
+    if kernel not in ("logprob_fwd", "logprob_dz", "topk", "gather", "logits_dz"):
+        raise ValueError(f"override_config: unknown kernel {kernel!r}")
+    prev = _OVERRIDES.get(kernel)
+    _OVERRIDES[kernel] = dict(fields)
+    try:
+        yield
+    finally:
+        if prev is None:
+            _OVERRIDES.pop(kernel, None)
+        else:
+            _OVERRIDES[kernel] = prev
+
+
+def _with_override(cfg: dict, kernel: str) -> dict:
+    return {**cfg, **_OVERRIDES[kernel]} if kernel in _OVERRIDES else cfg
+
+
 def config(device: torch.device, kernel: str = "fwd") -> dict:
+    """linear_logprob's launch config for `kernel` ("fwd" or "dz") on `device` (see `_base_config`)."""
+    return _with_override(_base_config(device, kernel), "logprob_" + kernel)
+
+
+def _base_config(device: torch.device, kernel: str = "fwd") -> dict:
     """One fixed config per regime and kernel ("fwd"; "dz", the backward's logit-gradient kernel).
 
     GPU forward: the best of bench/sweep_logprob.py on an H200 (bf16, N = 16384, d in {1536, 3584}, V = 151936:
@@ -96,7 +128,7 @@ def config(device: torch.device, kernel: str = "fwd") -> dict:
 def logits_config(device: torch.device, n: int, kernel: str) -> dict:
     """The config of linear_topk's and linear_gather's kernels ("topk", "gather" forward; "dz" backward): the
     128 x 128 base of `config`, narrowed per kernel."""
-    cfg = config(device, "dz")
+    cfg = _base_config(device, "dz")
     if device.type != "cuda":
         # interpreter: its cost is per tile visited, so few rows get wider tiles of the same size
         block_n = min(64, max(16, triton.next_power_of_2(n)))
@@ -109,7 +141,7 @@ def logits_config(device: torch.device, n: int, kernel: str) -> dict:
     elif kernel == "gather":
         # same check: 128 x 128 spills 592 B (the walk and the second logsumexp), 64 x 128 none. Not timed.
         cfg.update(BLOCK_N=64, BLOCK_V=128, num_warps=8)
-    return cfg
+    return _with_override(cfg, "logits_dz" if kernel == "dz" else kernel)
 
 
 def dot_flags(device: torch.device, dtype: torch.dtype) -> dict:
