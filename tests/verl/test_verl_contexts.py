@@ -135,14 +135,15 @@ class FakeWorkerGroup:
     compute_log_prob = _score
 
 
-def reference_fields(tok, model, responses, num_partners, swap, seed):
-    """a, b, mask per response from credit's own building blocks and one plain forward per pair."""
-    gids = ctx_mod.group_index([u for u, _, _ in ROLLOUTS])
-    texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
-    sel = credit.select_feedback(gids, [s >= 1.0 for _, _, s in ROLLOUTS], texts, None, seed=seed)
-    part = credit.partners(gids, num_partners, seed=seed)
-    prompts = [[{"role": "user", "content": PROMPTS[u]}] for u, _, _ in ROLLOUTS]
-    pairs = credit.build_teacher_pairs(tok, prompts, gids, responses, sel.solutions, sel.feedbacks, part, swap=swap)
+def reference_fields(tok, model, responses, num_partners, swap, seed, step):
+    """a, b, mask per response: the pipeline's own pairs (credit.CreditTeacher.pairs) and one plain forward per pair."""
+    batch = credit.RolloutBatch(
+        prompts=[[{"role": "user", "content": PROMPTS[u]}] for u, _, _ in ROLLOUTS], response_ids=responses,
+        group_ids=ctx_mod.group_index([u for u, _, _ in ROLLOUTS]), success=[s >= 1.0 for _, _, s in ROLLOUTS],
+    )
+    teacher = credit.CreditTeacher(model, tok, method="credit", num_partners=num_partners, swap=swap, seed=seed,
+                                   backend="naive")
+    pairs = teacher.pairs(batch, step=step)
     a = [torch.zeros(len(r), dtype=torch.float64) for r in responses]
     b = [torch.zeros(len(r), num_partners, dtype=torch.float64) for r in responses]
     for k, slot in enumerate([pairs.pairs_aligned, *pairs.pairs_shuffled]):
@@ -153,7 +154,7 @@ def reference_fields(tok, model, responses, num_partners, swap, seed):
                 a[i] = lp
             else:
                 b[i][:, k - 1] = lp
-    return a, b, sel.mask
+    return a, b, torch.tensor(pairs.mask)
 
 
 def test_teacher_rows_have_the_fields_verl_workers_read(tok):
@@ -207,7 +208,7 @@ def test_trainer_step_writes_credit_fields_equal_to_naive_teacher(tok, model, mo
     assert not [k for (_, k) in fake.store if k.startswith("credit_teacher_")]  # teacher rows cleared
 
     got = fake.kv_batch_get(keys, "train", [FIELD_TEACHER, FIELD_SHUFFLED, FIELD_MASK])
-    a_ref, b_ref, fmask = reference_fields(tok, model, responses, 2, swap, seed=3 + 4)
+    a_ref, b_ref, fmask = reference_fields(tok, model, responses, 2, swap, seed=3, step=4)
     for i in range(len(rows)):
         mask_i = got[FIELD_MASK].unbind(0)[i]
         assert mask_i.tolist() == [int(fmask[i])] * len(responses[i])

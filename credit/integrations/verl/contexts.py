@@ -1,6 +1,8 @@
 r"""The driver-side context step of CREDIT in verl: feedback and partner contexts over the global batch.
 
-After the rollouts of a step, the driver holds the whole batch (every prompt group, every response), so partners
+This is ``credit.CreditTeacher.pairs`` (same feedback rule, same seeds) without a teacher model on the driver: in
+verl the weights live in the worker groups, which score the rows. After the rollouts of a step, the driver holds the
+whole batch (every prompt group, every response), so partners
 are drawn over the global batch with one seed and no gather is needed. For the B responses:
 
 1. ``select_feedback``: a successful sibling (summed task reward >= threshold; never the response itself) and/or
@@ -101,6 +103,7 @@ def build_credit_contexts(
     num_partners: int = 1,
     swap: str = "input",
     seed: int = 0,
+    step: int = 0,
     template: TeacherTemplate = DEFAULT_TEMPLATE,
     chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> CreditContexts:
@@ -115,7 +118,9 @@ def build_credit_contexts(
         env_feedback: B texts or None entries (the environment's feedback), or None.
         num_partners: M >= 0 shuffled contexts per response; 0 = SDPO (no partners, any number of groups).
         swap: "input" or "context" (see ``credit.build_teacher_pairs``).
-        seed: seed of the demonstration choice and the partner derangement (pass e.g. seed + step).
+        seed, step: the demonstration choice uses seed * 31 + step and the partners seed * 17 + step, as
+            ``credit.CreditTeacher.pairs`` does, so the same global batch gets the same feedback and partners here as
+            in every other integration.
         template, chat_template_kwargs: the teacher reprompt (default SDPO's).
 
     Returns:
@@ -131,8 +136,8 @@ def build_credit_contexts(
     gids = group_index(uids)
     resp = [[int(t) for t in r] for r in responses_ids]
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in resp]
-    sel = select_feedback(gids, successes, texts, env_feedback, seed=seed)
-    part = draw_partners(gids, num_partners, seed=seed) if num_partners > 0 else None
+    sel = select_feedback(gids, successes, texts, env_feedback, seed=seed * 31 + step)
+    part = draw_partners(gids, num_partners, seed=seed * 17 + step) if num_partners > 0 else None
     pairs = build_teacher_pairs(
         tokenizer, list(prompts), gids, resp, sel.solutions, sel.feedbacks, part,
         swap=swap, template=template, chat_template_kwargs=chat_template_kwargs,

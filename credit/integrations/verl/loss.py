@@ -85,7 +85,7 @@ class CreditLossConfig(DistillationLossConfig):
     swap: str = "input"
     """"input": c(x_j, f_i) (the partner's prompt, the response's own feedback); "context": c(x_j, f_j)."""
     seed: int = 0
-    """Seed of the partner derangement and of the demonstration choice (the step number is added)."""
+    """Seed of the demonstration choice (seed * 31 + step) and the partners (seed * 17 + step), as in CreditTeacher."""
     # teacher and feedback (read by CreditPPOTrainer on the driver)
     teacher: str = "frozen"
     """"frozen": the ref worker group scores (initial weights); "live": the actor scores (current weights)."""

@@ -158,7 +158,7 @@ class CreditPPOTrainer(PPOTrainerSync):
         return build_credit_contexts(
             self.tokenizer, prompts, _as_list(data["uid"]), responses, successes, feedback,
             num_partners=cfg.num_partners if cfg.lam > 0 else 0, swap=cfg.swap,
-            seed=cfg.seed + int(getattr(self, "global_steps", 0)),
+            seed=cfg.seed, step=int(getattr(self, "global_steps", 0)),
         )
 
     def _score_rows(self, contexts: CreditContexts, partition_id: str) -> list[torch.Tensor]:
