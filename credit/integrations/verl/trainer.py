@@ -170,6 +170,8 @@ class CreditPPOTrainer(PPOTrainerSync):
         meta = tq.kv_batch_put(keys=keys, partition_id=partition_id, fields=rows, tags=tags)
         meta.extra_info.update({"calculate_entropy": False, "compute_loss": False,
                                 "temperature": self.config.actor_rollout_ref.rollout.temperature})
+        if self.credit_config.teacher == "frozen" and getattr(self, "ref_in_actor", False):
+            meta.extra_info["no_lora_adapter"] = True  # LoRA: the frozen teacher is the actor with adapters off
         wg, method = self._teacher_wg()
         getattr(wg, method)(meta)
         out = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=["log_probs", "response_mask"])
