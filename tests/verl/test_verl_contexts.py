@@ -187,8 +187,11 @@ def test_trainer_step_writes_credit_fields_equal_to_naive_teacher(tok, model, mo
     monkeypatch.setattr(trainer_mod, "tq", fake)
     rows, responses = batch_fields(tok)
     keys = [f"uid{i}_0_0" for i in range(len(rows))]
-    fake.kv_batch_put(keys, "train", list_of_dict_to_tensordict(rows))
-    batch = KVBatchMeta(keys=keys, tags=[{} for _ in keys], partition_id="train")
+    # verl's padding sample (upsample_batch_to_divisible_size): a copy of a real row under its own uid
+    pad_row = dict(rows[0], uid="pad0123", rm_scores=torch.zeros(len(responses[0])))
+    fake.kv_batch_put(keys + ["pad_0_0"], "train", list_of_dict_to_tensordict(rows + [pad_row]))
+    batch = KVBatchMeta(keys=keys + ["pad_0_0"], tags=[{} for _ in keys] + [{"is_padding": True}],
+                        partition_id="train")
 
     trainer = object.__new__(trainer_mod.CreditPPOTrainer)
     trainer.config = OmegaConf.create({"actor_rollout_ref": {"rollout": {"temperature": 1.0}}})
@@ -217,6 +220,9 @@ def test_trainer_step_writes_credit_fields_equal_to_naive_teacher(tok, model, mo
             torch.testing.assert_close(got[FIELD_SHUFFLED].unbind(0)[i].double(), b_ref[i], atol=1e-5, rtol=1e-5)
         else:
             assert (got[FIELD_TEACHER].unbind(0)[i] == 0).all()
+    pad = fake.kv_batch_get(["pad_0_0"], "train", [FIELD_TEACHER, FIELD_SHUFFLED, FIELD_MASK])
+    assert pad[FIELD_MASK].unbind(0)[0].tolist() == [0] * len(responses[0])
+    assert (pad[FIELD_SHUFFLED].unbind(0)[0] == 0).all() and pad[FIELD_SHUFFLED].unbind(0)[0].shape[-1] == 2
     assert metrics["credit/teacher_rows"] == 9
     assert metrics["credit/feedback_frac"] == pytest.approx(3 / 6)
 

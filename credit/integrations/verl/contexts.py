@@ -32,7 +32,14 @@ from credit.integrations.verl.loss import FIELD_MASK, FIELD_SHUFFLED, FIELD_TEAC
 from credit.pairing import partners as draw_partners
 from credit.templates import DEFAULT_TEMPLATE, TeacherTemplate, build_teacher_pairs, select_feedback
 
-__all__ = ["TEACHER_ROW_FIELDS", "CreditContexts", "assemble_credit_fields", "build_credit_contexts", "group_index"]
+__all__ = [
+    "TEACHER_ROW_FIELDS",
+    "CreditContexts",
+    "assemble_credit_fields",
+    "build_credit_contexts",
+    "group_index",
+    "zero_credit_fields",
+]
 
 TEACHER_ROW_FIELDS = ("prompts", "responses", "input_ids", "position_ids", "response_mask", "loss_mask")
 
@@ -203,4 +210,17 @@ def assemble_credit_fields(
     out = {FIELD_TEACHER: jag(aligned), FIELD_MASK: jag(mask)}
     if m > 0:  # M = 0 (SDPO): no shuffled field; the loss needs it only for lam > 0
         out[FIELD_SHUFFLED] = jag(shuffled)
+    return out
+
+
+def zero_credit_fields(response_lens: Sequence[int], num_partners: int) -> dict[str, torch.Tensor]:
+    """The CREDIT fields for responses without a teacher signal (e.g. verl's padding samples): zeros, mask 0."""
+
+    def jag(xs):
+        return torch.nested.as_nested_tensor(xs, layout=torch.jagged)
+
+    out = {FIELD_TEACHER: jag([torch.zeros(n) for n in response_lens]),
+           FIELD_MASK: jag([torch.zeros(n, dtype=torch.int64) for n in response_lens])}
+    if num_partners > 0:
+        out[FIELD_SHUFFLED] = jag([torch.zeros(n, num_partners) for n in response_lens])
     return out

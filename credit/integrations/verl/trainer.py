@@ -40,7 +40,12 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.utils.debug import marked_timer
 from verl.workers.utils.padding import response_from_nested
 
-from credit.integrations.verl.contexts import CreditContexts, assemble_credit_fields, build_credit_contexts
+from credit.integrations.verl.contexts import (
+    CreditContexts,
+    assemble_credit_fields,
+    build_credit_contexts,
+    zero_credit_fields,
+)
 from credit.integrations.verl.loss import CreditLossConfig
 
 __all__ = ["CreditAgentLoopManager", "CreditPPOTrainer", "credit_loss_config", "without_distillation"]
@@ -179,19 +184,29 @@ class CreditPPOTrainer(PPOTrainerSync):
         return list(response_from_nested(out["log_probs"], out["response_mask"]).unbind(0))
 
     def _compute_credit_fields(self, batch: KVBatchMeta, metrics: dict) -> None:
-        """Build, score and write the CREDIT fields of the global batch (see the module docstring)."""
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=_STUDENT_FIELDS)
+        """Build, score and write the CREDIT fields of the global batch (see the module docstring).
+
+        verl's padding samples (``is_padding`` tags, added to make the batch divisible by the data-parallel size)
+        copy a real prompt under their own uid: they are left out of feedback and partners, and get zero fields.
+        """
         cfg = self.credit_config
-        fb_key = [cfg.feedback_key] if cfg.feedback_key else []
-        if fb_key:
+        tags = batch.tags or [{} for _ in batch.keys]
+        real = [k for k, t in zip(batch.keys, tags) if not (t or {}).get("is_padding", False)]
+        pad = [k for k, t in zip(batch.keys, tags) if (t or {}).get("is_padding", False)]
+        data = tq.kv_batch_get(keys=real, partition_id=batch.partition_id, select_fields=_STUDENT_FIELDS)
+        if cfg.feedback_key:
             try:
-                data.update(tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fb_key))
+                data.update(tq.kv_batch_get(keys=real, partition_id=batch.partition_id,
+                                            select_fields=[cfg.feedback_key]))
             except (KeyError, ValueError, RuntimeError):
                 pass  # the reward function returns no text feedback: demonstrations only
         contexts = self._build_contexts(data)
         row_lp = self._score_rows(contexts, batch.partition_id) if contexts.num_rows else []
         fields = assemble_credit_fields(contexts, row_lp, list(data["response_mask"].unbind(0)))
-        tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
-                        fields=TensorDict(fields, batch_size=[len(batch.keys)]))
+        tq.kv_batch_put(keys=real, partition_id=batch.partition_id, fields=TensorDict(fields, batch_size=[len(real)]))
+        if pad:
+            resp = tq.kv_batch_get(keys=pad, partition_id=batch.partition_id, select_fields=["responses"])
+            zeros = zero_credit_fields([int(r.numel()) for r in resp["responses"].unbind(0)], contexts.num_partners)
+            tq.kv_batch_put(keys=pad, partition_id=batch.partition_id, fields=TensorDict(zeros, batch_size=[len(pad)]))
         metrics["credit/feedback_frac"] = float(contexts.feedback_mask.float().mean())
         metrics["credit/teacher_rows"] = contexts.num_rows
