@@ -13,7 +13,6 @@ pytest.importorskip("verl.protocol")
 pytest.importorskip("transfer_queue")
 
 from omegaconf import OmegaConf  # noqa: E402
-from tensordict import TensorDict  # noqa: E402
 from transfer_queue import KVBatchMeta  # noqa: E402
 from verl.utils.tensordict_utils import list_of_dict_to_tensordict  # noqa: E402
 

@@ -14,7 +14,7 @@ with s = the worker's current log-probs (``model_output["log_probs"]``) and verl
 aggregation (``actor.loss_agg_mode``).
 
 The batch fields it reads, per response (response-aligned like verl's ``old_log_probs``; nested/jagged rows on the
-workers, or padded ``[B, T]``), are written by ``CreditPPOTrainer`` on the driver (``credit.integrations.verl.contexts``):
+workers, or padded ``[B, T]``), are written on the driver by ``CreditPPOTrainer`` (``contexts.py``):
 
 * ``credit_teacher_logprobs``  [B, T]     a
 * ``credit_shuffled_logprobs`` [B, T, M]  b (absent or M = 0 when lam = 0)

@@ -1,4 +1,4 @@
-r"""``CreditPPOTrainer``: verl's synchronous v1 PPO trainer with CREDIT's teacher contexts (``trainer.v1.trainer_mode=credit``).
+r"""``CreditPPOTrainer``: verl's synchronous v1 PPO trainer plus CREDIT's teacher contexts (trainer_mode "credit").
 
 Where it departs from ``PPOTrainerSync`` (verl 0.9.1):
 
@@ -170,7 +170,8 @@ class CreditPPOTrainer(PPOTrainerSync):
         rows = contexts.teacher_batch(pad_to_multiple=self._dp_multiple())
         step = int(getattr(self, "global_steps", 0))
         keys = [f"credit_teacher_{step}_{r}" for r in range(rows.batch_size[0])]
-        lens = [(int(p.numel()), int(r.numel())) for p, r in zip(rows["prompts"].unbind(0), rows["responses"].unbind(0))]
+        lens = [(int(p.numel()), int(r.numel()))
+                for p, r in zip(rows["prompts"].unbind(0), rows["responses"].unbind(0))]
         tags = [{"status": "success", "prompt_len": p, "response_len": r, "seq_len": p + r} for p, r in lens]
         meta = tq.kv_batch_put(keys=keys, partition_id=partition_id, fields=rows, tags=tags)
         meta.extra_info.update({"calculate_entropy": False, "compute_loss": False,
