@@ -53,6 +53,7 @@ __all__ = ["CreditAgentLoopManager", "CreditPPOTrainer", "credit_loss_config", "
 logger = logging.getLogger(__name__)
 
 TRAINER_NAME = "credit"
+TEACHER_PARTITION = "credit_teacher"
 _STUDENT_FIELDS = ["responses", "response_mask", "uid", "rm_scores", "raw_prompt"]
 
 
@@ -172,7 +173,7 @@ class CreditPPOTrainer(PPOTrainerSync):
         keys = [f"credit_teacher_{step}_{r}" for r in range(rows.batch_size[0])]
         lens = [(int(p.numel()), int(r.numel()))
                 for p, r in zip(rows["prompts"].unbind(0), rows["responses"].unbind(0))]
-        tags = [{"status": "success", "prompt_len": p, "response_len": r, "seq_len": p + r} for p, r in lens]
+        tags = [{"prompt_len": p, "response_len": r, "seq_len": p + r} for p, r in lens]
         meta = tq.kv_batch_put(keys=keys, partition_id=partition_id, fields=rows, tags=tags)
         meta.extra_info.update({"calculate_entropy": False, "compute_loss": False,
                                 "temperature": self.config.actor_rollout_ref.rollout.temperature})
@@ -202,7 +203,8 @@ class CreditPPOTrainer(PPOTrainerSync):
             except (KeyError, ValueError, RuntimeError):
                 pass  # the reward function returns no text feedback: demonstrations only
         contexts = self._build_contexts(data)
-        row_lp = self._score_rows(contexts, batch.partition_id) if contexts.num_rows else []
+        # a partition of their own: the replay buffer samples "train" and must never see the teacher rows
+        row_lp = self._score_rows(contexts, TEACHER_PARTITION) if contexts.num_rows else []
         fields = assemble_credit_fields(contexts, row_lp, list(data["response_mask"].unbind(0)))
         tq.kv_batch_put(keys=real, partition_id=batch.partition_id, fields=TensorDict(fields, batch_size=[len(real)]))
         if pad:
