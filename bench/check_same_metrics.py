@@ -68,7 +68,10 @@ def read_metrics(out_dir: str) -> list[dict]:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         for line in f:
             row = json.loads(line)
-            rows.append({k: v for k, v in row.items() if not k.startswith("time/") and k not in ("_time", "wall")})
+            row = {k: v for k, v in row.items() if not k.startswith("time/") and k not in ("_time", "wall")}
+            if isinstance(row.get("config"), dict):  # the logged config names the run directory
+                row["config"] = {k: v for k, v in row["config"].items() if k != "output"}
+            rows.append(row)
     return rows
 
 
@@ -99,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="where the new runs go (default: <against>/../check_now)")
     p.add_argument("--atol", type=float, default=0.0, help="allowed absolute difference of a metric (default exact)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    p.add_argument("--reuse", action="store_true", help="compare the runs already in --work instead of rerunning")
     args = p.parse_args(argv)
 
     root = os.path.abspath(args.record or args.against)
@@ -109,7 +113,8 @@ def main(argv=None) -> int:
         path = make_tiny_model(os.path.join(root, "tiny_model")) if model == "tiny" else model
         for run in args.runs.split(","):
             name = f"{model}_{run}"
-            rows = run_one(os.path.join(work, name), path, RUNS[run], args.timeout)
+            out = os.path.join(work, name)
+            rows = read_metrics(out) if args.reuse and not args.record else run_one(out, path, RUNS[run], args.timeout)
             if args.record:
                 print(f"recorded {name}: {len(rows)} rows", flush=True)
                 continue

@@ -25,6 +25,7 @@ the shard's responses are scored; every returned tensor has one row per shard en
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -139,6 +140,10 @@ class TokenRewards:
     """[B] fp32 sum_t (a - beta), the token-decomposable upper bound of contrastive_pmi (credit only)."""
     teacher_mask: torch.Tensor
     """[B] bool, as in TeacherLogprobs."""
+    sdpo: torch.Tensor | None = None
+    """[B, T] fp32 (a - s) on the mask: SDPO's reward (for credit, the (1 - lam) part; for display)."""
+    contrast: torch.Tensor | None = None
+    """[B, T] fp32 (a - beta) on the mask: the input-specific contrast, the lam part of CREDIT (None for sdpo)."""
 
     def metrics(self) -> dict[str, float]:
         """Means over the responses with a teacher signal: credit/pmi (+ contrastive_pmi and its surrogate);
@@ -173,6 +178,8 @@ class TopkTeacher:
     """[N] bool: the row's response has a teacher signal."""
     offsets: list[int]
     """[B + 1] row offsets of the responses."""
+    teacher_mask: torch.Tensor | None
+    """[B] bool per response, as in TeacherLogprobs (None on a row selection)."""
     target: ContrastiveTeacher | None = None
     """The distillation target over all rows, when score_topk was given the student's log-probs: the contrastive
     teacher (credit) or the aligned teacher (sdpo)."""
@@ -183,7 +190,7 @@ class TopkTeacher:
         if tgt is not None:
             tgt = ContrastiveTeacher(tgt.topk_logp[idx], None if tgt.tail_logp is None else tgt.tail_logp[idx])
         return TopkTeacher(self.logp[idx], self.tail[idx], self.shuffled_logp[:, idx], self.shuffled_tail[:, idx],
-                           self.row_mask[idx], [], tgt)
+                           self.row_mask[idx], [], None, tgt)
 
 
 class CreditTeacher:
@@ -327,11 +334,18 @@ class CreditTeacher:
         mask = mask * scores.teacher_mask[:, None]
         if self.method == "sdpo":
             r = sdpo_rewards(scores.aligned, student_logprobs, mask)
-            return TokenRewards(r, mask, r.sum(1), None, None, scores.teacher_mask)
+            return TokenRewards(r, mask, r.sum(1), None, None, scores.teacher_mask, sdpo=r)
         out = credit_reward(scores.aligned, scores.shuffled, student_logprobs, mask, lam=self.lam,
                             baseline=self.baseline)
+        with torch.no_grad():  # the two terms r = (1 - lam) sdpo + lam contrast, for display
+            b = scores.shuffled.float()
+            beta = b.mean(0) if self.baseline == "mean" else torch.logsumexp(b, 0) - math.log(b.shape[0])
+            keep = mask != 0
+            a, s = scores.aligned.float(), student_logprobs.detach().float()
+            sdpo = torch.where(keep, a - s, torch.zeros_like(a))
+            contrast = torch.where(keep, a - beta, torch.zeros_like(a))
         return TokenRewards(out.rewards, mask, out.pmi, out.contrastive_pmi, out.contrastive_pmi_surrogate,
-                            scores.teacher_mask)
+                            scores.teacher_mask, sdpo=sdpo, contrast=contrast)
 
     # -- logit level ---------------------------------------------------------------------------------------------
     def score_topk(self, batch: RolloutBatch, ids, *, step: int, shard=None, device=None, student_logp=None,
@@ -387,7 +401,7 @@ class CreditTeacher:
             sh_tail = torch.stack([t[1] for t in tables[1:]])
         else:
             sh_logp, sh_tail = tables[0][0].new_zeros((0, total, k)), tables[0][1].new_zeros((0, total))
-        out = TopkTeacher(tables[0][0], tables[0][1], sh_logp, sh_tail, row_mask, offsets)
+        out = TopkTeacher(tables[0][0], tables[0][1], sh_logp, sh_tail, row_mask, offsets, teacher_mask)
         if student_logp is not None:
             out.target = self.topk_target(out, student_logp, student_tail)
         return out

@@ -145,6 +145,12 @@ def test_rewards_match_the_formulas_in_fp64(tiny, method, baseline, lam):
         assert_close_verbose(out.contrastive_pmi, cpmi, atol=1e-4, name="contrastive_pmi")
         assert_close_verbose(out.contrastive_pmi_surrogate, ((a - beta) * mask).sum(1), atol=1e-4, name="surrogate")
     assert_close_verbose(out.rewards, r_ref, atol=1e-5, name="rewards")
+    assert_close_verbose(out.sdpo, (a - sd) * mask, atol=1e-5, name="sdpo term")
+    if method == "credit":
+        assert_close_verbose(out.contrast, (a - beta) * mask, atol=1e-5, name="contrast term")
+        assert_close_verbose((1 - lam) * out.sdpo + lam * out.contrast, r_ref, atol=1e-5, name="r = mix of terms")
+    else:
+        assert out.contrast is None
     assert_close_verbose(out.pmi, ((a - sd) * mask).sum(1), atol=1e-4, name="pmi")
     assert torch.equal(out.mask, scores.mask)
     metrics = out.metrics()
