@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.common import machine_info, peak_extra_mib, plot_results, results_path, write_json  # noqa: E402
-from credit.scorer import TeacherScorer  # noqa: E402
+from credit.scoring import TeacherScorer  # noqa: E402
 
 PROVIDERS = ["naive", "prefix_cache", "tree", "tree_flex"]
 QWEN2_1P5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
