@@ -80,7 +80,7 @@ def actor_config():
 
 
 def reference_advantage(ref, lam, baseline):
-    """fp64 CREDIT token rewards r = a - s - lam (beta - s) on the teacher mask (CREDIT.md)."""
+    """fp64 CREDIT token rewards r = a - s - lam (beta - s) on the teacher mask (docs/method.md)."""
     a, b, s = ref["a"], ref["b"], ref["s"]
     if baseline == "mean":
         beta = b.mean(-1)

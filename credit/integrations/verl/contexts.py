@@ -7,7 +7,7 @@ are drawn over the global batch with one seed and no gather is needed. For the B
 
 1. ``select_feedback``: a successful sibling (summed task reward >= threshold; never the response itself) and/or
    the environment's text feedback; responses with neither get mask 0 and no teacher rows.
-2. ``partners``: a seeded group-level derangement, M partner groups per response (CREDIT.md, "Per-token quantities").
+2. ``partners``: a seeded group-level derangement, M partner groups per response (docs/method.md).
 3. ``build_teacher_pairs``: the aligned context c(x_g(i), f_i) and the M shuffled ones (c(x_j, f_i), or c(x_j, f_j)
    with ``swap="context"``), deduplicated.
 4. Teacher rows in the per-sample layout verl's agent loop writes and its workers read (``compute_log_prob`` /

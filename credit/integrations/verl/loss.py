@@ -1,6 +1,6 @@
 r"""CREDIT as a verl distillation loss (token level), for ``verl==0.9.1``.
 
-The method (CREDIT.md in the docs, arXiv 2605.11613): for response token y_t with student log-prob s, aligned teacher
+The method (docs/method.md, arXiv 2605.11613): for response token y_t with student log-prob s, aligned teacher
 log-prob a = log T(y_t | c(x, f), y_<t) and M shuffled-teacher log-probs b^m = log T(y_t | c(x_m, f), y_<t),
 
     r = a - s - lam * (beta - s),     beta = mean_m b^m ("mean") or logsumexp_m b^m - log M ("logmeanexp")
