@@ -32,7 +32,7 @@ class TrainConfig:
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: str = _f("auto", "'auto' (bf16 on cuda, fp32 on cpu), 'fp32', 'bf16', 'fp16'")
     # task
-    task: str = _f("largest", "environment: largest | first_letter | largest_shortcut | code | mcq | tool")
+    task: str = _f("largest", "environment: largest | first_letter | largest_shortcut | code | mcq | mcq_plain | tool")
     data: str = _f("", "JSONL training records (required for code/mcq/tool; synthetic tasks make their own)")
     eval_data: str = _f("", "JSONL held-out records (default: the synthetic task's held-out split, or none)")
     n_heldout: int = _f(0, "held-out inputs of a synthetic task, disjoint from training (0 = the task's default: "
