@@ -26,7 +26,7 @@ Tasks:
   feedback says so ("Replies that begin with 'To find' earn partial credit."). A teacher that reads this
   feedback makes ``To find`` likely whatever the input is: it raises SDPO's pMI without any input-specific
   reasoning, while CREDIT's contrast ``a - beta`` (same feedback, other input) cancels it. The shortcut is
-  one the base policy actually takes: 44 of 400 untrained rollouts (11.0%, 95% interval 8.3-14.4%) start
+  one the base policy actually takes: 39 of 400 untrained rollouts (9.8%, 95% interval 7.2-13.1%) start
   with it (``bench/study.py --base-rate``, ``bench/results/study_base_rate_largest_shortcut.json``). An
   earlier version rewarded replies starting with ``Answer:``, which the model never sampled, so no method
   could take it. `LargestShortcutTask.uses_shortcut` (the response starts with ``To find``) gives the
@@ -34,7 +34,7 @@ Tasks:
   rate more than CREDIT does, and CREDIT's accuracy gain is at least as large.
 
 Base accuracy of the embedded model, measured (2-core CPU, SmolLM2-135M-Instruct dequantised to fp32, chat
-template, temperature 0.7, 16 new tokens): ``largest`` 0.305 on 400 sampled training rollouts (seed 0),
+template, temperature 0.7, 16 new tokens): ``largest`` 0.31 on 400 sampled training rollouts (seed 0),
 ``first_letter`` 0.61 (64 prompts, 24 new tokens). So each task has room to improve visibly.
 
 Splits are seeded and disjoint: ``task.splits(seed=s, n_heldout=k)`` shuffles the task's whole input set with
