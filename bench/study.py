@@ -272,7 +272,9 @@ def summarize(docs: list[dict]) -> dict:
                     row[key] = {str(st): _ci([next(s[key] for s in d["steps"] if s["step"] == st) for d in runs])
                                 for st in steps if all(any(s["step"] == st and key in s for s in d["steps"])
                                                        for d in runs)}
-                    row[key + " window"] = _ci([_window(d, key, *SELECT_STEPS) for d in runs])
+                    window = [_window(d, key, *SELECT_STEPS) for d in runs]
+                    if all(w is not None for w in window):  # runs shorter than the window have none
+                        row[key + " window"] = _ci(window)
             row["wall_seconds"] = _ci([d["wall_seconds"] for d in runs])
             rows[config] = row
         out["tasks"][task] = {"configs": rows, "paired": _paired(configs)}
