@@ -258,8 +258,13 @@ def test_trainer_logs_sampled_eval_and_reuses_the_cached_base_eval(tiny_model_di
                 progress=False, eval_cache=str(tmp_path / "cache.json"))
     s1 = trainer.train(TrainConfig(**base, method="grpo", output=str(tmp_path / "a")))
     s2 = trainer.train(TrainConfig(**base, method="sdpo", output=str(tmp_path / "b")))
-    assert len(calls) == 3  # base eval once, then one final eval per run
+    s3 = trainer.train(TrainConfig(**base, method="grpo", output=str(tmp_path / "c")))
+    assert len(calls) == 4  # base eval once, then one final eval per run
     assert s1["eval_results"][0] == s2["eval_results"][0] and s1["accuracy_before"] == s2["accuracy_before"]
+    # reading the base eval from the cache changes nothing downstream: the same run as computing it
+    assert s3["eval_results"] == s1["eval_results"]
+    m1, m3 = (read_metrics(os.path.join(tmp_path, d, "metrics.jsonl"))[-1] for d in ("a", "c"))
+    assert m1["train/loss"] == m3["train/loss"] and m1["train/grad_norm"] == m3["train/grad_norm"]
     rows = read_metrics(os.path.join(tmp_path, "b", "metrics.jsonl"))
     assert rows[0]["step"] == 0 and "eval/accuracy_sampled" in rows[0] and "eval/accuracy_lo" in rows[0]
     assert "eval/accuracy_sampled" in rows[-1]
