@@ -170,10 +170,11 @@ def base_rate(steps: int, seed: int, out: str) -> dict:
     rows = []
     for step in range(steps):
         batch, records, _ = rollout(cfg, step, run.student, run.tokenizer, run.env, run.train_records)
+        rb = getattr(batch, "rollout", batch)  # the teacher's view: texts, success, outcome
         g = cfg.rollouts_per_prompt
-        rows += [{"step": step, "input": records[i // g]["input"], "text": t, "success": bool(batch.success[i]),
-                  "shortcut": run.env.uses_shortcut(t), "reward": float(batch.outcome[i])}
-                 for i, t in enumerate(batch.texts)]
+        rows += [{"step": step, "input": records[i // g]["input"], "text": t, "success": bool(rb.success[i]),
+                  "shortcut": run.env.uses_shortcut(t), "reward": float(rb.outcome[i])}
+                 for i, t in enumerate(rb.texts)]
     n, k = len(rows), sum(r["shortcut"] for r in rows)
     lo, hi = proportion_interval(k, n)
     doc = {"task": "largest_shortcut", "shortcut": run.env.__class__.uses_shortcut.__doc__, "seed": seed,

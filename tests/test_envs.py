@@ -29,7 +29,7 @@ def test_every_task_is_an_environment(name):
 
 
 def test_get_task_errors_and_options():
-    with pytest.raises(ValueError, match=r"unknown task 'chess'; known tasks: code, mcq, tool, largest"):
+    with pytest.raises(ValueError, match=r"unknown task 'chess'; known tasks: code, mcq, mcq_plain, tool, largest"):
         get_task("chess")
     with pytest.raises(TypeError, match="name must be a str; got int"):
         get_task(3)
