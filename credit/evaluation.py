@@ -238,12 +238,14 @@ def evaluate(model, tokenizer, env, records: list[dict], cfg, batch: int = 32, s
 # ---------------------------------------------------------------------------------------------
 
 # the config fields the untrained model's evaluation depends on (besides the records themselves)
-_KEY_FIELDS = ("model", "dtype", "max_new_tokens", "temperature", "top_p", "eval_sampled", "eval_seed", "rollout")
+# (the task too: two tasks may share records but score them differently, e.g. largest and largest_shortcut)
+_KEY_FIELDS = ("task", "model", "dtype", "max_new_tokens", "temperature", "top_p", "eval_sampled", "eval_seed",
+               "rollout")
 
 
 def base_eval_key(cfg, records: list[dict], device: str = "") -> str:
-    """A digest of everything the untrained model's evaluation depends on: the model, dtype and device, the
-    decoding settings and the held-out records (so the task, its split seed and n_heldout)."""
+    """A digest of everything the untrained model's evaluation depends on: the task (its scoring), the model, dtype
+    and device, the decoding settings and the held-out records (so the split seed and n_heldout)."""
     what = {k: getattr(cfg, k) for k in _KEY_FIELDS} | {"device": str(device), "records": records}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -212,11 +212,15 @@ def test_cached_evaluation_computes_once_per_key(tmp_path):
     other = cached_evaluation(cfg, recs[:3], compute(0.75))  # other records (another seed's split): recomputed
     hotter = cached_evaluation(TrainConfig(eval_cache=path, eval_sampled=2, temperature=1.0), recs, compute(1.0))
     assert calls == [0.5, 0.75, 1.0] and other.greedy == 0.75 and hotter.greedy == 1.0
-    assert len(json.load(open(path))) == 3
+    # the same records scored by another task (largest_shortcut also reports the shortcut rate): recomputed
+    shortcut = cached_evaluation(TrainConfig(eval_cache=path, eval_sampled=2, task="largest_shortcut"), recs,
+                                 compute(0.0625))
+    assert shortcut.greedy == 0.0625 and len(calls) == 4
+    assert len(json.load(open(path))) == 4
     # training options that do not change the untrained model's evaluation share the entry
     same = TrainConfig(eval_cache=path, eval_sampled=2, method="grpo", lr=1e-3)
     assert base_eval_key(same, recs) == base_eval_key(cfg, recs)
-    assert cached_evaluation(same, recs, compute(0.0)) == first and len(calls) == 3
+    assert cached_evaluation(same, recs, compute(0.0)) == first and len(calls) == 4
     # no cache: always computed
     assert cached_evaluation(TrainConfig(), recs, compute(0.125)).greedy == 0.125
 
