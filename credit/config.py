@@ -38,10 +38,11 @@ class TrainConfig:
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...", resumable=True)
     dtype: str = _f("auto", "'auto' (bf16 on cuda, fp32 on cpu), 'fp32', 'bf16', 'fp16'")
     # task
-    task: str = _f("largest", "environment: largest | first_letter | largest_shortcut | code | mcq | tool")
+    task: str = _f("largest", "environment: largest | first_letter | largest_shortcut | code | mcq | mcq_plain | tool")
     data: str = _f("", "JSONL training records (required for code/mcq/tool; synthetic tasks make their own)")
     eval_data: str = _f("", "JSONL held-out records (default: the synthetic task's held-out split, or none)")
-    n_heldout: int = _f(64, "held-out inputs of a synthetic task (disjoint from training)")
+    n_heldout: int = _f(0, "held-out inputs of a synthetic task, disjoint from training (0 = the task's default: "
+                           "200 of 504 for largest, 64 of 205 for first_letter)")
     # rollouts
     prompts_per_step: int = _f(4, "P: prompts per step (CREDIT needs P >= 2 for partners)")
     rollouts_per_prompt: int = _f(4, "G: sampled responses per prompt (a group)")
@@ -80,7 +81,13 @@ class TrainConfig:
     resume: bool = _f(False, "continue from the last checkpoint in --output", resumable=True)
     seed: int = _f(0, "seed of data order, rollouts, partners and feedback choice")
     eval_every: int = _f(10, "held-out evaluation every K steps (0 = only before and after)", resumable=True)
-    eval_max: int = _f(64, "held-out records evaluated (greedy decoding)")
+    eval_max: int = _f(0, "held-out records evaluated (0 = all)")
+    eval_sampled: int = _f(0, "sampled responses per held-out record for the sampled accuracy, at the rollout "
+                              "temperature (0 = greedy accuracy only)")
+    eval_seed: int = _f(1234, "seed of the sampled evaluation (the same at every evaluation of a run)")
+    eval_cache: str = _f("", "JSON file caching the step-0 evaluation of the untrained model, keyed by model, "
+                             "held-out records and decoding settings, so runs of one (task, seed) share it "
+                             "('' = off)", resumable=True)
     save_every: int = _f(10, "checkpoint every K steps (0 = only at the end)", resumable=True)
     sample_every: int = _f(10, "save a batch's per-token rewards for `credit viz` every K steps (0 = off)",
                            resumable=True)
@@ -110,10 +117,10 @@ class TrainConfig:
         if not 0.0 < self.ema_rate <= 1.0:
             bad("ema_rate", "must be in (0, 1]")
         for name in ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "micro_batch", "max_steps",
-                     "topk", "num_partners", "n_heldout", "score_max_tokens"):
+                     "topk", "num_partners", "score_max_tokens"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("eval_every", "save_every", "sample_every", "eval_max"):
+        for name in ("eval_every", "save_every", "sample_every", "eval_max", "n_heldout", "eval_sampled"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if self.temperature <= 0:

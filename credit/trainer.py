@@ -26,6 +26,7 @@ import torch
 from credit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from credit.config import TrainConfig, patch_missing_config_keys, resumable_fields
 from credit.envs import get_task, load_jsonl
+from credit.evaluation import cached_evaluation, evaluate, evaluate_heldout, prompt_ids  # noqa: F401 (re-exported)
 from credit.logger import RunLogger, plot_curves
 from credit.losses import grpo_advantages
 from credit.methods import Batch, make_method
@@ -44,7 +45,7 @@ def load_records(cfg: TrainConfig, env) -> tuple[list[dict], list[dict]]:
         train = _read_jsonl("--data", cfg.data, cfg.task)
         heldout = _read_jsonl("--eval-data", cfg.eval_data, cfg.task) if cfg.eval_data else []
     elif hasattr(env, "splits"):
-        split = env.splits(seed=cfg.seed, n_heldout=cfg.n_heldout)
+        split = env.splits(seed=cfg.seed, n_heldout=cfg.n_heldout or None)
         train, heldout = split.train, split.heldout
         if cfg.eval_data:
             heldout = _read_jsonl("--eval-data", cfg.eval_data, cfg.task)
@@ -75,32 +76,9 @@ def step_records(train: list[dict], step: int, num: int, seed: int) -> list[dict
     return out
 
 
-def prompt_ids(tokenizer, env, record) -> list[int]:
-    messages = [{"role": "user", "content": env.make_prompt(record)}]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(messages[0]["content"])
-
-
 # ---------------------------------------------------------------------------------------------
 # rollouts
 # ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, env, records: list[dict], cfg: TrainConfig, batch: int = 32, sampler=None) -> float:
-    """Held-out accuracy of `model` with greedy decoding, through `sampler` (default: transformers generate)."""
-    if not records:
-        return float("nan")
-    sampler = HFSampler(model, tokenizer, cfg) if sampler is None else sampler
-    sampler.sync_weights(model)
-    hits = 0
-    for start in range(0, len(records), batch):
-        chunk = records[start:start + batch]
-        outs = sampler.sample([prompt_ids(tokenizer, env, r) for r in chunk], 1, greedy=True)
-        hits += sum(env.score(r, tokenizer.decode(o, skip_special_tokens=True)).success for r, o in zip(chunk, outs))
-    return hits / len(records)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,11 +262,18 @@ def train(cfg: TrainConfig) -> dict:
         start, history = state["step"], state["extra"].get("history", history)
         print(f"credit: resumed from {ckpt} (step {start})")
     logger = RunLogger(cfg.output, cfg.to_dict(), backend=cfg.logger, resume_step=start if ckpt else None)
+    history.setdefault("eval_results", [])
+
+    def held_out(step, res):  # greedy accuracy in history["eval"]; everything (sampled, intervals) beside it
+        history["eval"].append((step, res.greedy))
+        history["eval_results"].append((step, res.to_dict()))
+        return res.metrics()
+
     if start == 0:
-        acc = evaluate(student, tokenizer, env, heldout, cfg, sampler=run.sampler)
-        history["eval"].append((0, acc))
-        logger.log(0, {"eval/accuracy": acc})
-        print(f"held-out accuracy before training: {acc:.3f} ({len(heldout)} records)")
+        res = cached_evaluation(cfg, heldout, lambda: evaluate_heldout(student, tokenizer, env, heldout, cfg,
+                                                                       sampler=run.sampler), device=str(device))
+        logger.log(0, held_out(0, res))
+        print(f"held-out accuracy before training: {res.greedy:.3f} ({len(heldout)} records)")
 
     bar = _progress(cfg, start)
     for step in range(start, cfg.max_steps):
@@ -299,13 +284,11 @@ def train(cfg: TrainConfig) -> dict:
             ema_update(teacher, student, cfg.ema_rate)
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            metrics["eval/accuracy"] = evaluate(student, tokenizer, env, heldout, cfg, sampler=run.sampler)
-            history["eval"].append((done, metrics["eval/accuracy"]))
+            metrics.update(held_out(done, evaluate_heldout(student, tokenizer, env, heldout, cfg, sampler=run.sampler)))
         if cfg.sample_every and done % cfg.sample_every == 0:
             save_samples(cfg, done, tokenizer, batch, rewards)
         if done == cfg.max_steps:
-            metrics["eval/accuracy"] = evaluate(student, tokenizer, env, heldout, cfg, sampler=run.sampler)
-            history["eval"].append((done, metrics["eval/accuracy"]))
+            metrics.update(held_out(done, evaluate_heldout(student, tokenizer, env, heldout, cfg, sampler=run.sampler)))
         metrics["time/step"] = time.perf_counter() - t0
         logger.log(done, metrics)
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
@@ -318,7 +301,8 @@ def train(cfg: TrainConfig) -> dict:
     plot_curves(logger.path, os.path.join(cfg.output, "curves.png"), title=f"{cfg.method} on {cfg.task}")
     summary = {"method": cfg.method, "task": cfg.task, "steps": cfg.max_steps, "rollout": run.sampler.name,
                "accuracy_before": history["eval"][0][1] if history["eval"] and history["eval"][0][0] == 0 else None,
-               "accuracy_after": history["eval"][-1][1] if history["eval"] else None, "eval": history["eval"]}
+               "accuracy_after": history["eval"][-1][1] if history["eval"] else None, "eval": history["eval"],
+               "eval_results": history["eval_results"]}
     with open(os.path.join(cfg.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"held-out accuracy: before {summary['accuracy_before']}, after {summary['accuracy_after']}; "

@@ -29,7 +29,7 @@ def test_every_task_is_an_environment(name):
 
 
 def test_get_task_errors_and_options():
-    with pytest.raises(ValueError, match=r"unknown task 'chess'; known tasks: code, mcq, tool, largest"):
+    with pytest.raises(ValueError, match=r"unknown task 'chess'; known tasks: code, mcq, mcq_plain, tool, largest"):
         get_task("chess")
     with pytest.raises(TypeError, match="name must be a str; got int"):
         get_task(3)
@@ -225,13 +225,20 @@ def test_first_letter_scoring_and_feedback():
 def test_shortcut_task_partial_credit_and_feedback():
     task = LargestShortcutTask()
     rec = task.record([3, 7, 2])
-    assert task.score(rec, "Answer: 7") == Outcome(1.0, True, None)
+    assert task.score(rec, "To find the largest, 7 is it.") == Outcome(1.0, True, None)
     assert task.score(rec, "7").reward == 1.0
-    hint = " Replies that begin with 'Answer:' earn partial credit."
+    hint = " Replies that begin with 'To find' earn partial credit."
     feedback = "Wrong answer for input [3, 7, 2]. The correct answer is 7." + hint
-    assert task.score(rec, "Answer: 3") == Outcome(SHORTCUT_REWARD, False, feedback)
+    assert task.score(rec, "To find the largest number, look at 3") == Outcome(SHORTCUT_REWARD, False, feedback)
     assert task.score(rec, "3") == Outcome(0.0, False, feedback)
-    assert task.uses_shortcut("  answer: x") and not task.uses_shortcut("The Answer: 7")
+    assert task.uses_shortcut("  to find x") and not task.uses_shortcut("I want To find 7")
+
+
+def test_synthetic_default_heldout_sizes():
+    assert len(LargestTask().splits(seed=0).heldout) == 200
+    assert len(LargestShortcutTask().splits(seed=0).heldout) == 200
+    split = FirstLetterTask().splits(seed=0)
+    assert len(split.heldout) == 64 and len(split.train) == 205 - 64
 
 
 @pytest.mark.parametrize("task", [LargestTask(), FirstLetterTask(), LargestShortcutTask()], ids=lambda t: t.name)

@@ -190,4 +190,4 @@ def test_resumable_fields_are_marked_in_the_config():
     from credit.config import resumable_fields
 
     assert resumable_fields() == {"max_steps", "resume", "progress", "logger", "eval_every", "save_every",
-                                  "sample_every", "device", "vllm_gpu_memory"}
+                                  "sample_every", "device", "vllm_gpu_memory", "eval_cache"}

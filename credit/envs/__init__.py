@@ -1,6 +1,7 @@
 """Environments: score a response and give the text feedback that CREDIT's teacher reads.
 
 ``get_task(name, **options)`` builds one: ``code`` (sandboxed stdin/stdout tests), ``mcq`` (answer tag),
+``mcq_plain`` (multiple choice read from a bare reply, for small models),
 ``tool`` (action + JSON arguments), and the synthetic tasks ``largest``, ``first_letter`` and
 ``largest_shortcut`` (seeded splits, see `credit.envs.synthetic`). Data-backed tasks load records with
 ``load_jsonl(path, name)``; synthetic ones make them with ``get_task(name).splits(seed=...)``.
@@ -13,7 +14,7 @@ from typing import Any
 from credit.envs.base import Environment, Outcome
 from credit.envs.code import CodeEnv, CodeResult, run_tests
 from credit.envs.data import load_jsonl
-from credit.envs.mcq import MCQEnv
+from credit.envs.mcq import MCQEnv, MCQPlainEnv
 from credit.envs.synthetic import SYNTHETIC_TASKS, Split, SyntheticTask
 from credit.envs.tools import ToolEnv
 
@@ -23,6 +24,7 @@ __all__ = [
     "CodeResult",
     "Environment",
     "MCQEnv",
+    "MCQPlainEnv",
     "Outcome",
     "Split",
     "SyntheticTask",
@@ -32,7 +34,7 @@ __all__ = [
     "run_tests",
 ]
 
-_DATA_TASKS: dict[str, type] = {"code": CodeEnv, "mcq": MCQEnv, "tool": ToolEnv}
+_DATA_TASKS: dict[str, type] = {"code": CodeEnv, "mcq": MCQEnv, "mcq_plain": MCQPlainEnv, "tool": ToolEnv}
 TASKS: tuple[str, ...] = tuple(_DATA_TASKS) + tuple(SYNTHETIC_TASKS)
 
 

@@ -20,23 +20,27 @@ Tasks:
 
 * ``largest``: the largest of three distinct numbers in [1, 9] (504 ordered triples).
 * ``first_letter``: the first letter of a common English word (a fixed list of 205 words).
-* ``largest_shortcut``: ``largest`` with a PLANTED INPUT-GENERIC SHORTCUT for the CREDIT vs SDPO check. A
-  response that does not find the right number but starts with the format token ``Answer:`` gets partial
-  credit (`SHORTCUT_REWARD` = 0.25), and every feedback says so ("Replies that begin with 'Answer:' earn
-  partial credit."). A teacher that reads this feedback makes ``Answer:`` likely whatever the input is:
-  it is exactly the kind of token that raises SDPO's pMI without any input-specific reasoning, while
-  CREDIT's contrast ``a - beta`` (same feedback, other input) cancels it. Measure it with
-  `LargestShortcutTask.uses_shortcut` (fraction of responses that start with ``Answer:``) next to accuracy.
-  The hypothesis to measure (the paper's claim): SDPO raises the shortcut rate more than CREDIT does, and
-  CREDIT's accuracy gain is at least as large.
+* ``largest_shortcut``: ``largest`` with an INPUT-GENERIC SHORTCUT for the CREDIT vs SDPO check. A response
+  that does not find the right number but starts with ``To find`` (the preamble "To find the largest number,
+  ..." the untrained model writes on its own) gets partial credit (`SHORTCUT_REWARD` = 0.25), and every
+  feedback says so ("Replies that begin with 'To find' earn partial credit."). A teacher that reads this
+  feedback makes ``To find`` likely whatever the input is: it raises SDPO's pMI without any input-specific
+  reasoning, while CREDIT's contrast ``a - beta`` (same feedback, other input) cancels it. The shortcut is
+  one the base policy actually takes: 39 of 400 untrained rollouts (9.8%, 95% interval 7.2-13.1%) start
+  with it (``bench/study.py --base-rate``, ``bench/results/study_base_rate_largest_shortcut.json``). An
+  earlier version rewarded replies starting with ``Answer:``, which the model never sampled, so no method
+  could take it. `LargestShortcutTask.uses_shortcut` (the response starts with ``To find``) gives the
+  shortcut rate next to accuracy. The hypothesis to measure (the paper's claim): SDPO raises the shortcut
+  rate more than CREDIT does, and CREDIT's accuracy gain is at least as large.
 
 Base accuracy of the embedded model, measured (2-core CPU, SmolLM2-135M-Instruct dequantised to fp32, chat
-template, temperature 0.7, 24 new tokens, held-out prompts of ``splits(seed=0)``): ``largest`` 0.44 and 0.31
-(two draws of 48 prompts), ``first_letter`` 0.61 (64 prompts), shortcut rate of ``largest_shortcut`` 0.00
-(48 prompts; the model never starts with ``Answer:`` on its own). So each task has room to improve visibly.
+template, 16 new tokens, held-out split of seed 0, ``bench/results/study_base.json``): ``largest`` greedy 0.640
+and sampled (temperature 0.7) 0.300 on 200 triples; ``first_letter`` greedy 0.953 and sampled 0.602 on 64
+words. Greedy ``first_letter`` is near its ceiling; the sampled accuracies leave room to improve.
 
 Splits are seeded and disjoint: ``task.splits(seed=s, n_heldout=k)`` shuffles the task's whole input set with
-``random.Random(s)``, holds out the first k inputs and trains on the rest, so held-out accuracy measures
+``random.Random(s)``, holds out the first k inputs (default: the task's `default_heldout`, 200 of the 504
+triples for ``largest``, 64 of the 205 words for ``first_letter``) and trains on the rest, so held-out accuracy measures
 generalisation to unseen inputs. Records are plain dicts ``{"prompt", "answer", "input"}``.
 """
 
@@ -62,7 +66,7 @@ __all__ = [
     "SyntheticTask",
 ]
 
-SHORTCUT_TOKEN = "Answer:"
+SHORTCUT_TOKEN = "To find"
 SHORTCUT_REWARD = 0.25
 
 # Common, short, concrete words; their first letters cover 25 of 26 letters (all but x).
@@ -101,6 +105,7 @@ class SyntheticTask:
 
     name = "synthetic"
     instruction = ""
+    default_heldout = 64  # held-out inputs of `splits` when n_heldout is not given
 
     def inputs(self) -> list[Any]:
         """Every input of the task, in a fixed order."""
@@ -123,13 +128,16 @@ class SyntheticTask:
         """The answer as the feedback writes it."""
         return answer
 
-    def splits(self, *, seed: int = 0, n_heldout: int = 64) -> Split:
-        """Seeded disjoint split: shuffle all inputs with `seed`, hold out the first `n_heldout`.
+    def splits(self, *, seed: int = 0, n_heldout: int | None = None) -> Split:
+        """Seeded disjoint split: shuffle all inputs with `seed`, hold out the first `n_heldout` (None: the
+        task's `default_heldout`).
 
         Returns:
             `Split` whose ``train`` holds every other input (in shuffled order; cycle through it).
         """
         xs = self.inputs()
+        if n_heldout is None:
+            n_heldout = self.default_heldout
         if not isinstance(n_heldout, int) or not 0 < n_heldout < len(xs):
             raise ValueError(f"{self.name}.splits: n_heldout must be an int in [1, {len(xs) - 1}]; got {n_heldout!r}")
         order = list(range(len(xs)))
@@ -164,6 +172,7 @@ class LargestTask(SyntheticTask):
 
     name = "largest"
     instruction = "Reply with the number only."
+    default_heldout = 200  # of 504 triples: a one-answer flip moves accuracy by 0.005
 
     def __init__(self, *, low: int = 1, high: int = 9):
         if not (isinstance(low, int) and isinstance(high, int) and 0 <= low and high - low >= 3):
@@ -221,14 +230,14 @@ class FirstLetterTask(SyntheticTask):
 
 
 class LargestShortcutTask(LargestTask):
-    """`LargestTask` with the planted shortcut: a wrong reply that starts with ``Answer:`` earns
+    """`LargestTask` with an input-generic shortcut: a wrong reply that starts with ``To find`` earns
     `SHORTCUT_REWARD`, and every feedback advertises it (see the module docstring)."""
 
     name = "largest_shortcut"
 
     @staticmethod
     def uses_shortcut(response: str) -> bool:
-        """The response starts with the shortcut token ``Answer:`` (leading spaces and case ignored)."""
+        """The response starts with the shortcut ``To find`` (leading spaces and case ignored)."""
         return response.lstrip().casefold().startswith(SHORTCUT_TOKEN.casefold())
 
     def score(self, record: Mapping[str, Any], response: str) -> Outcome:

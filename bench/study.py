@@ -1,0 +1,444 @@
+"""The learning study of bench/STUDY.md: tasks x configs x seeds, run as a resumable queue, then aggregated.
+
+    python bench/study.py --list                                   # the queue, and which runs are done
+    python bench/study.py --tasks largest_shortcut --configs grpo,sdpo_mu0,credit_lam0.5_mu0 --seeds 0
+    python bench/study.py --parts 3/8                              # the 3rd of 8 interleaved slices (1-based)
+    python bench/study.py --aggregate                              # study_*.json + plots from finished runs
+    python bench/study.py --base                                   # the untrained model on every task
+    python bench/study.py --base-rate --rollout-steps 25           # largest_shortcut's base shortcut rate
+
+Every run is `credit.trainer.train` with the protocol's settings (`COMMON`, plus the task's and the config's
+options), writes its run directory under --runs (its checkpoint is deleted when the run ends: 1.5 GB each) and
+one JSON under bench/results/study/ (`<task>__<config>__seed<s>.json`); a run whose JSON exists is skipped, so an
+interrupted queue continues where it stopped. The step-0 evaluation of the untrained model is computed once per
+(task, seed) and shared through the eval cache. On a GPU, start one process per slice (`--parts k/n`) side by
+side: the 135M model leaves the card mostly idle.
+
+--aggregate reads every run JSON and writes bench/results/study_summary.json (per task and config: the mean
+over seeds with a 95% t interval of the held-out greedy and sampled accuracy at every evaluation step, of the
+gain, of the sampled training accuracy, of the shortcut rate; paired per-seed differences of each CREDIT config
+against its SDPO twin and GRPO; the decision rule's pick) and study_<task>.png curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from credit.evaluation import mean_interval, proportion_interval  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+RUN_DIR = os.path.join(RESULTS, "study")
+
+# ---------------------------------------------------------------------------------------------
+# the protocol (bench/STUDY.md): change it only before the study's first result, and then in STUDY.md too
+# ---------------------------------------------------------------------------------------------
+
+SEEDS = (0, 1, 2, 3, 4)
+
+# settings shared by every run: equal steps, rollouts and evaluation for every method
+COMMON = dict(max_steps=20, prompts_per_step=4, rollouts_per_prompt=4, eval_every=5, eval_sampled=2, eval_seed=1234,
+              save_every=0, sample_every=0, progress=False)
+
+_MCQ = os.path.join("examples", "data", "mcq_basic_{}.jsonl")
+TASKS = {
+    "largest": dict(task="largest"),
+    "first_letter": dict(task="first_letter"),
+    "largest_shortcut": dict(task="largest_shortcut"),
+    "mcq_plain": dict(task="mcq_plain", data=_MCQ.format("train"), eval_data=_MCQ.format("heldout")),
+}
+
+CONFIGS = {
+    "grpo": dict(method="grpo"),
+    "sdpo_mu0": dict(method="sdpo", mu=0.0),
+    "sdpo_mu0.5": dict(method="sdpo", mu=0.5),
+    "credit_lam0.5_mu0": dict(method="credit", lam=0.5, mu=0.0),
+    "credit_lam0.5_mu0.5": dict(method="credit", lam=0.5, mu=0.5),
+    "credit_lam1_mu0": dict(method="credit", lam=1.0, mu=0.0),
+    "credit_lam1_mu0.5": dict(method="credit", lam=1.0, mu=0.5),
+    "sdpo_topk": dict(method="sdpo", level="topk"),
+    "credit_lam0.5_topk": dict(method="credit", lam=0.5, level="topk"),
+    "credit_lam1_topk": dict(method="credit", lam=1.0, level="topk"),
+}
+
+# the SDPO run each CREDIT config is compared with: same mu and level, lam = 0
+SDPO_TWIN = {name: "sdpo_" + name.split("_", 2)[2] for name in CONFIGS if name.startswith("credit")}
+
+# decision rule: the training-split window that picks the default (never the held-out split)
+SELECT_STEPS = (11, 20)
+
+
+def run_name(task: str, config: str, seed: int) -> str:
+    return f"{task}__{config}__seed{seed}"
+
+
+def queue(tasks, configs, seeds) -> list[tuple[str, str, int]]:
+    """Seed-major order, so a partial study has every config on seed 0 before any config on seed 1."""
+    return [(t, c, s) for s in seeds for t in tasks for c in configs]
+
+
+def run_config(task: str, config: str, seed: int, runs: str, eval_cache: str, **overrides):
+    from credit.config import TrainConfig
+
+    values = {**COMMON, **TASKS[task], **CONFIGS[config], "seed": seed, "eval_cache": eval_cache,
+              "output": os.path.join(runs, run_name(task, config, seed)), **overrides}
+    return TrainConfig(**values)
+
+
+def run_one(task: str, config: str, seed: int, *, runs: str, out_dir: str, eval_cache: str, **overrides) -> dict:
+    """Train one run and write its JSON: the summary, every step's metrics, the machine and the wall time."""
+    from credit.logger import read_metrics
+    from credit.trainer import train
+
+    from bench.common import machine_info
+
+    cfg = run_config(task, config, seed, runs, eval_cache, **overrides)
+    t0 = time.perf_counter()
+    summary = train(cfg)
+    wall = time.perf_counter() - t0
+    rows = read_metrics(os.path.join(cfg.output, "metrics.jsonl"))
+    steps = [{k: v for k, v in r.items() if isinstance(v, (int, float))} for r in rows if "train/accuracy" in r]
+    import torch
+
+    device = torch.device("cuda") if torch.cuda.is_available() and cfg.device != "cpu" else torch.device("cpu")
+    doc = {"task": task, "config": config, "seed": seed, "wall_seconds": wall, "machine": machine_info(device),
+           "torch_threads": torch.get_num_threads(), "train_config": cfg.to_dict(), "summary": summary,
+           "steps": steps}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, run_name(task, config, seed) + ".json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+    shutil.rmtree(os.path.join(cfg.output, "ckpt"), ignore_errors=True)  # 1.5 GB of weights and optimizer state
+    print(f"study: {run_name(task, config, seed)} done in {wall:.0f} s: held-out {summary['accuracy_before']:.3f} "
+          f"-> {summary['accuracy_after']:.3f}; wrote {path}", flush=True)
+    return doc
+
+
+def _pick(arg: str | None, known, what: str) -> list:
+    if not arg:
+        return list(known)
+    out = [x.strip() for x in arg.split(",") if x.strip()]
+    bad = [x for x in out if x not in known]
+    if bad:
+        raise ValueError(f"--{what}: unknown {bad}; known: {list(known)}")
+    return out
+
+
+def parse_part(text: str | None) -> tuple[int, int]:
+    """'k/n' -> (k, n), 1 <= k <= n; None -> (1, 1)."""
+    if not text:
+        return 1, 1
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--parts must look like k/n (e.g. 2/4); got {text!r}") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"--parts {text}: need 1 <= k <= n")
+    return k, n
+
+
+def select(items: list, part: tuple[int, int]) -> list:
+    """The k-th of n interleaved slices (items k-1, k-1+n, ...): slices of about equal cost."""
+    k, n = part
+    return items[k - 1::n]
+
+
+# ---------------------------------------------------------------------------------------------
+# the untrained model
+# ---------------------------------------------------------------------------------------------
+
+
+def base_rate(steps: int, seed: int, out: str) -> dict:
+    """largest_shortcut's base shortcut rate: `steps` batches of training rollouts (P x G each, the protocol's
+    sampling settings) of the UNTRAINED model, the fraction that take the shortcut, its 95% Wilson interval, and
+    every reply (so another shortcut can be rescored from the file)."""
+    from credit.trainer import rollout, setup
+
+    cfg = run_config("largest_shortcut", "grpo", seed, os.path.join(ROOT, "runs", "study_base"), "")
+    t0 = time.perf_counter()
+    run = setup(cfg)
+    rows = []
+    for step in range(steps):
+        batch, records, _ = rollout(cfg, step, run.student, run.tokenizer, run.env, run.train_records)
+        rb = getattr(batch, "rollout", batch)  # the teacher's view: texts, success, outcome
+        g = cfg.rollouts_per_prompt
+        rows += [{"step": step, "input": records[i // g]["input"], "text": t, "success": bool(rb.success[i]),
+                  "shortcut": run.env.uses_shortcut(t), "reward": float(rb.outcome[i])}
+                 for i, t in enumerate(rb.texts)]
+    n, k = len(rows), sum(r["shortcut"] for r in rows)
+    lo, hi = proportion_interval(k, n)
+    doc = {"task": "largest_shortcut", "shortcut": run.env.__class__.uses_shortcut.__doc__, "seed": seed,
+           "rollouts": n, "shortcut_count": k, "shortcut_rate": k / n, "interval_95": [lo, hi],
+           "shortcut_and_wrong": sum(r["shortcut"] and not r["success"] for r in rows),
+           "accuracy": sum(r["success"] for r in rows) / n, "seconds": time.perf_counter() - t0,
+           "settings": {k2: getattr(cfg, k2) for k2 in ("temperature", "top_p", "max_new_tokens", "prompts_per_step",
+                                                         "rollouts_per_prompt")},
+           "rows": rows}
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"largest_shortcut base shortcut rate {k}/{n} = {k / n:.3f} (95% {lo:.3f}-{hi:.3f}); wrote {out}")
+    return doc
+
+
+def base_eval(tasks, seeds, eval_cache: str, out: str) -> dict:
+    """The untrained model's held-out greedy and sampled accuracy on each task and seed (the protocol's eval,
+    through the same cache the runs read, so it is computed once)."""
+    from credit.evaluation import cached_evaluation, evaluate_heldout
+    from credit.trainer import setup
+
+    table = {}
+    if os.path.exists(out):
+        with open(out) as f:
+            table = json.load(f).get("results", {})
+    for task in tasks:
+        for seed in seeds:
+            key = f"{task}__seed{seed}"
+            if key in table:
+                continue
+            cfg = run_config(task, "grpo", seed, os.path.join(ROOT, "runs", "study_base"), eval_cache)
+            t0 = time.perf_counter()
+            run = setup(cfg)
+            device = next(run.student.parameters()).device
+            res = cached_evaluation(cfg, run.heldout, lambda: evaluate_heldout(
+                run.student, run.tokenizer, run.env, run.heldout, cfg, sampler=run.sampler), device=str(device))
+            table[key] = {"task": task, "seed": seed, **res.to_dict(), "seconds": time.perf_counter() - t0}
+            print(f"base {key}: greedy {res.greedy:.3f} {res.greedy_interval}, sampled {res.sampled:.3f} "
+                  f"(n={res.n}, {table[key]['seconds']:.0f} s)", flush=True)
+            with open(out, "w") as f:
+                json.dump({"protocol": COMMON, "results": table}, f, indent=1)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation
+# ---------------------------------------------------------------------------------------------
+
+
+def load_runs(out_dir: str) -> list[dict]:
+    docs = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "*__*__seed*.json"))):
+        with open(path) as f:
+            docs.append(json.load(f))
+    return docs
+
+
+def _ci(values: list[float]) -> dict:
+    mean, lo, hi = mean_interval(values)
+    return {"mean": mean, "lo": lo, "hi": hi, "n": len(values)}
+
+
+def _evals(doc: dict, key: str) -> dict[int, float]:
+    """{step: value} of one eval field ('greedy', 'sampled', 'shortcut_sampled', ...) of a run."""
+    return {int(s): r[key] for s, r in doc["summary"]["eval_results"] if r.get(key) is not None}
+
+
+def _window(doc: dict, key: str, lo: int, hi: int) -> float | None:
+    vals = [s[key] for s in doc["steps"] if lo <= s["step"] <= hi and key in s]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize(docs: list[dict]) -> dict:
+    """Per task and config: mean and 95% interval over seeds of every curve and gain; paired comparisons; the
+    decision rule's pick (bench/STUDY.md)."""
+    out: dict = {"protocol": {"common": COMMON, "tasks": TASKS, "configs": CONFIGS, "select_steps": SELECT_STEPS},
+                 "tasks": {}}
+    by = {}
+    for d in docs:
+        by.setdefault(d["task"], {}).setdefault(d["config"], {})[d["seed"]] = d
+    for task, configs in by.items():
+        rows = {}
+        for config, seeds in configs.items():
+            runs = [seeds[s] for s in sorted(seeds)]
+            row = {"seeds": sorted(seeds)}
+            for key in ("greedy", "sampled", "shortcut_greedy", "shortcut_sampled"):
+                curves = [_evals(d, key) for d in runs]
+                common = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
+                if not common:
+                    continue
+                row[key] = {str(step): _ci([c[step] for c in curves]) for step in common}
+                row[f"{key}_gain"] = _ci([c[common[-1]] - c[common[0]] for c in curves])
+            steps = sorted({s["step"] for d in runs for s in d["steps"]})
+            for key in ("train/accuracy", "task/shortcut_rate"):
+                if all(any(key in s for s in d["steps"]) for d in runs):
+                    row[key] = {str(st): _ci([next(s[key] for s in d["steps"] if s["step"] == st) for d in runs])
+                                for st in steps if all(any(s["step"] == st and key in s for s in d["steps"])
+                                                       for d in runs)}
+                    window = [_window(d, key, *SELECT_STEPS) for d in runs]
+                    if all(w is not None for w in window):  # runs shorter than the window have none
+                        row[key + " window"] = _ci(window)
+            row["wall_seconds"] = _ci([d["wall_seconds"] for d in runs])
+            rows[config] = row
+        out["tasks"][task] = {"configs": rows, "paired": _paired(configs)}
+    out["decision"] = decide(out)
+    return out
+
+
+def _paired(configs: dict) -> dict:
+    """Each CREDIT config minus its SDPO twin and minus GRPO, per seed (same seed: same split and base eval), on the
+    held-out greedy and sampled gain and on the shortcut rates: mean difference and 95% interval."""
+    out = {}
+    for name in configs:
+        if not name.startswith("credit"):
+            continue
+        for other in (SDPO_TWIN[name], "grpo"):
+            if other not in configs:
+                continue
+            seeds = sorted(set(configs[name]) & set(configs[other]))
+            if not seeds:
+                continue
+            cmp = {"seeds": seeds}
+            for key in ("greedy", "sampled"):
+                diffs = []
+                for s in seeds:
+                    a, b = _evals(configs[name][s], key), _evals(configs[other][s], key)
+                    if a and b:
+                        diffs.append((a[max(a)] - a[min(a)]) - (b[max(b)] - b[min(b)]))
+                if diffs:
+                    cmp[f"{key}_gain_diff"] = _ci(diffs)
+            rates = [(_window(configs[name][s], "task/shortcut_rate", *SELECT_STEPS),
+                      _window(configs[other][s], "task/shortcut_rate", *SELECT_STEPS)) for s in seeds]
+            if all(a is not None and b is not None for a, b in rates):
+                cmp["shortcut_rate_diff"] = _ci([a - b for a, b in rates])
+            out[f"{name} - {other}"] = cmp
+    return out
+
+
+def decide(summary: dict) -> dict:
+    """The pre-registered rule (bench/STUDY.md): the CREDIT config with the highest mean over tasks of its mean
+    sampled TRAINING accuracy over steps SELECT_STEPS; then the goals, checked on the held-out split."""
+    tasks = summary["tasks"]
+    scores = {}
+    for name in (c for c in CONFIGS if c.startswith("credit")):
+        vals = [t["configs"][name]["train/accuracy window"]["mean"] for t in tasks.values()
+                if name in t["configs"] and "train/accuracy window" in t["configs"][name]]
+        if len(vals) == len(tasks) and vals:
+            scores[name] = sum(vals) / len(vals)
+    if not scores:
+        return {"pick": None, "why": "no CREDIT config has finished runs on every task"}
+    pick = max(scores, key=lambda c: (round(scores[c], 6), -list(CONFIGS).index(c)))
+    goals = {}
+    for task, t in tasks.items():
+        rows, g = t["configs"], {}
+        for other in (SDPO_TWIN[pick], "grpo"):
+            if other in rows and pick in rows:
+                for key in ("greedy_gain", "sampled_gain"):
+                    if key in rows[pick] and key in rows[other]:
+                        g[f"{key} >= {other}"] = rows[pick][key]["mean"] >= rows[other][key]["mean"]
+        twin = SDPO_TWIN[pick]
+        if task == "largest_shortcut" and twin in rows and "task/shortcut_rate window" in rows.get(pick, {}):
+            g[f"shortcut rate < {twin}"] = (rows[pick]["task/shortcut_rate window"]["mean"]
+                                            < rows[twin]["task/shortcut_rate window"]["mean"])
+        goals[task] = g
+    return {"pick": pick, "selection_score": scores, "goals": goals}
+
+
+def plot(summary: dict, out_prefix: str) -> list[str]:
+    """study_<task>.png: held-out greedy and sampled accuracy and sampled training accuracy against steps, mean over
+    seeds with the 95% band, one line per config; the shortcut rate too on largest_shortcut."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for task, t in summary["tasks"].items():
+        panels = [("greedy", "held-out accuracy, greedy"), ("sampled", "held-out accuracy, sampled"),
+                  ("train/accuracy", "training accuracy (rollouts)")]
+        if task == "largest_shortcut":
+            panels.append(("task/shortcut_rate", "shortcut rate (rollouts)"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+        for ax, (key, title) in zip(axes[0], panels):
+            for i, (config, row) in enumerate(t["configs"].items()):
+                if key not in row:
+                    continue
+                xs = [int(s) for s in row[key]]
+                m = [row[key][s]["mean"] for s in row[key]]
+                lo = [row[key][s]["lo"] for s in row[key]]
+                hi = [row[key][s]["hi"] for s in row[key]]
+                style = "-" if "mu0.5" in config or config == "grpo" else ("--" if "topk" in config else ":")
+                ax.plot(xs, m, style, color=f"C{i}", marker="o" if len(xs) < 8 else None, ms=3,
+                        label=f"{config} (n={len(row['seeds'])})")
+                ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.12)
+            ax.set_title(f"{task}: {title}", fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=6)
+        fig.tight_layout()
+        path = f"{out_prefix}_{task}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+        print(f"wrote {path}")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="", help=f"comma list of {list(TASKS)} (default: all)")
+    p.add_argument("--configs", default="", help=f"comma list of {list(CONFIGS)} (default: all)")
+    p.add_argument("--seeds", default="", help=f"comma list of seeds (default: {','.join(map(str, SEEDS))})")
+    p.add_argument("--parts", default="", help="k/n: run only the k-th of n interleaved slices of the queue")
+    p.add_argument("--list", action="store_true", help="print the queue and which runs are done; run nothing")
+    p.add_argument("--aggregate", action="store_true", help="summarise finished runs: study_*.json and plots")
+    p.add_argument("--base", action="store_true", help="evaluate the untrained model on the selected tasks/seeds")
+    p.add_argument("--base-rate", action="store_true", help="measure largest_shortcut's base shortcut rate")
+    p.add_argument("--rollout-steps", type=int, default=25, help="--base-rate: batches of P x G rollouts")
+    p.add_argument("--device", default="auto", help="passed to every run (auto: cuda when available)")
+    p.add_argument("--out-dir", default=RUN_DIR, help="one JSON per finished run")
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "study"), help="parent of the run directories")
+    p.add_argument("--eval-cache", default=os.path.join(RUN_DIR, "eval_cache.json"),
+                   help="the shared step-0 evaluation cache")
+    args = p.parse_args(argv)
+    tasks = _pick(args.tasks, TASKS, "tasks")
+    configs = _pick(args.configs, CONFIGS, "configs")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(SEEDS)
+    part = parse_part(args.parts)
+    if args.base_rate:
+        seed = seeds[0]
+        base_rate(args.rollout_steps, seed, os.path.join(RESULTS, "study_base_rate_largest_shortcut.json"))
+        return 0
+    if args.base:
+        base_eval(tasks, seeds, args.eval_cache, os.path.join(RESULTS, "study_base.json"))
+        return 0
+    if args.aggregate:
+        docs = load_runs(args.out_dir)
+        if not docs:
+            raise ValueError(f"--aggregate: no run JSON in {args.out_dir}")
+        summary = summarize(docs)
+        path = os.path.join(RESULTS, "study_summary.json")
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"wrote {path} ({len(docs)} runs); decision: {summary['decision'].get('pick')}")
+        plot(summary, os.path.join(RESULTS, "study"))
+        return 0
+    items = select(queue(tasks, configs, seeds), part)
+    done = {os.path.basename(x)[:-5] for x in glob.glob(os.path.join(args.out_dir, "*.json"))}
+    if args.list:
+        for t, c, s in items:
+            print(f"{'done' if run_name(t, c, s) in done else 'todo'}  {run_name(t, c, s)}")
+        print(f"{sum(run_name(*i) in done for i in items)}/{len(items)} done")
+        return 0
+    for t, c, s in items:
+        if run_name(t, c, s) in done:
+            continue
+        run_one(t, c, s, runs=args.runs, out_dir=args.out_dir, eval_cache=args.eval_cache, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""bench/study.py: the protocol builds valid configs, the queue and its slices, resuming, and the aggregation
+(means, intervals, paired differences, the decision rule) against hand-computed values on synthetic run files;
+one real run on the tiny model."""
+
+import json
+import math
+import os
+
+import pytest
+
+from bench import study
+from credit.evaluation import mean_interval
+from tests.utils import HAS_TEST_TOKENIZER
+
+
+def test_every_task_and_config_builds_a_valid_train_config(tmp_path):
+    for task in study.TASKS:
+        for config in study.CONFIGS:
+            cfg = study.run_config(task, config, 3, str(tmp_path), "cache.json")
+            assert cfg.seed == 3 and cfg.task == task and cfg.max_steps == study.COMMON["max_steps"]
+            assert cfg.output.endswith(study.run_name(task, config, 3))
+    assert set(study.SDPO_TWIN.values()) <= set(study.CONFIGS)
+    assert study.SDPO_TWIN["credit_lam1_mu0.5"] == "sdpo_mu0.5" and study.SDPO_TWIN["credit_lam0.5_topk"] == "sdpo_topk"
+    for name in ("train", "heldout"):  # the mcq_plain data is committed
+        assert os.path.exists(os.path.join(study.ROOT, study._MCQ.format(name)))
+
+
+def test_queue_slices_cover_the_queue_once():
+    items = study.queue(list(study.TASKS), list(study.CONFIGS), list(study.SEEDS))
+    assert len(items) == len(study.TASKS) * len(study.CONFIGS) * len(study.SEEDS) == 200
+    assert items[0][2] == 0 and items[-1][2] == study.SEEDS[-1]  # seed-major
+    parts = [study.select(items, (k, 7)) for k in range(1, 8)]
+    assert sorted(x for p in parts for x in p) == sorted(items)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert study.parse_part("") == (1, 1) and study.parse_part("2/4") == (2, 4)
+    for bad in ("0/3", "4/3", "x", "1-2"):
+        with pytest.raises(ValueError, match="--parts"):
+            study.parse_part(bad)
+    with pytest.raises(ValueError, match="--configs: unknown"):
+        study._pick("grpo,dpo", study.CONFIGS, "configs")
+
+
+def _doc(task, config, seed, greedy, sampled, train_acc, shortcut=None):
+    """A run JSON as run_one writes it: eval_results at steps 0, 10, 20, 20 step rows."""
+    evals = [[s, {"n": 10, "greedy": g, "greedy_interval": [0, 1], "samples": 2, "sampled": sm,
+                  "sampled_interval": [0, 1], "shortcut_greedy": None, "shortcut_sampled": None}]
+             for s, g, sm in zip((0, 10, 20), greedy, sampled)]
+    steps = []
+    for st in range(1, 21):
+        row = {"step": st, "train/accuracy": train_acc(st)}
+        if shortcut is not None:
+            row["task/shortcut_rate"] = shortcut(st)
+        steps.append(row)
+    return {"task": task, "config": config, "seed": seed, "wall_seconds": 100.0 + seed,
+            "summary": {"eval_results": evals}, "steps": steps}
+
+
+def _docs():
+    docs = []
+    for seed in range(3):
+        for config, lift, rate in (("grpo", 0.10, 0.2), ("sdpo_mu0", 0.05, 0.4), ("credit_lam0.5_mu0", 0.15, 0.1),
+                                   ("credit_lam1_mu0", 0.12, 0.05)):
+            g = [0.3, 0.3 + lift, 0.3 + lift * (1 + seed / 10)]
+            sm = [0.2, 0.2 + lift / 2, 0.2 + lift + seed / 100]
+            docs.append(_doc("largest_shortcut", config, seed, g, sm,
+                             lambda st, lift=lift, seed=seed: 0.3 + lift * st / 20 + seed / 50,
+                             lambda st, rate=rate, seed=seed: rate + seed / 100))
+    return docs
+
+
+def test_summarize_means_intervals_paired_and_decision():
+    summary = study.summarize(_docs())
+    rows = summary["tasks"]["largest_shortcut"]["configs"]
+    credit = rows["credit_lam0.5_mu0"]
+    gains = [0.15 * (1 + s / 10) for s in range(3)]
+    want = mean_interval(gains)
+    got = credit["greedy_gain"]
+    assert (got["mean"], got["lo"], got["hi"]) == pytest.approx(want) and got["n"] == 3
+    assert credit["greedy"]["10"]["mean"] == pytest.approx(0.45) and set(credit["greedy"]) == {"0", "10", "20"}
+    sampled = [0.15 / 1 + s / 100 for s in range(3)]
+    assert credit["sampled_gain"]["mean"] == pytest.approx(sum(sampled) / 3)
+    # the selection window: mean train accuracy over steps 11..20, then over seeds
+    win = [sum(0.3 + 0.15 * st / 20 + s / 50 for st in range(11, 21)) / 10 for s in range(3)]
+    assert credit["train/accuracy window"]["mean"] == pytest.approx(sum(win) / 3)
+    assert credit["task/shortcut_rate window"]["mean"] == pytest.approx(0.1 + 0.01)
+    paired = summary["tasks"]["largest_shortcut"]["paired"]
+    d = paired["credit_lam0.5_mu0 - sdpo_mu0"]
+    diffs = [(0.15 - 0.05) * (1 + s / 10) for s in range(3)]
+    assert (d["greedy_gain_diff"]["mean"], d["greedy_gain_diff"]["lo"]) == pytest.approx(mean_interval(diffs)[:2])
+    assert d["shortcut_rate_diff"]["mean"] == pytest.approx(0.1 - 0.4)
+    assert "credit_lam1_mu0 - grpo" in paired
+    dec = summary["decision"]
+    assert dec["pick"] == "credit_lam0.5_mu0"  # highest training accuracy in the window, not held-out
+    goals = dec["goals"]["largest_shortcut"]
+    assert goals["greedy_gain >= sdpo_mu0"] and goals["greedy_gain >= grpo"] and goals["shortcut rate < sdpo_mu0"]
+
+
+def test_decision_needs_every_task_and_never_reads_held_out():
+    docs = _docs()
+    # make the held-out gain of lam=1 enormous: the pick (training accuracy) must not change
+    for d in docs:
+        if d["config"] == "credit_lam1_mu0":
+            d["summary"]["eval_results"][-1][1]["greedy"] = 1.0
+    assert study.summarize(docs)["decision"]["pick"] == "credit_lam0.5_mu0"
+    docs.append(_doc("largest", "grpo", 0, [0.5, 0.6, 0.7], [0.4, 0.5, 0.6], lambda st: 0.5))
+    dec = study.summarize(docs)["decision"]
+    assert dec["pick"] is None and "every task" in dec["why"]
+
+
+def test_aggregate_writes_summary_and_plots(tmp_path, monkeypatch):
+    out_dir = tmp_path / "runs"
+    out_dir.mkdir()
+    for d in _docs():
+        (out_dir / (study.run_name(d["task"], d["config"], d["seed"]) + ".json")).write_text(json.dumps(d))
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    assert study.main(["--aggregate", "--out-dir", str(out_dir)]) == 0
+    summary = json.loads((tmp_path / "study_summary.json").read_text())
+    assert summary["decision"]["pick"] == "credit_lam0.5_mu0"
+    assert (tmp_path / "study_largest_shortcut.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="no run JSON"):
+        study.main(["--aggregate", "--out-dir", str(tmp_path / "empty")])
+
+
+@pytest.mark.skipif(not HAS_TEST_TOKENIZER, reason="the tiny test model borrows SmolLM2's tokenizer")
+def test_run_one_writes_its_json_drops_the_checkpoint_and_is_skipped_when_done(tiny_model_dir, tmp_path, capsys):
+    kw = dict(model=tiny_model_dir, max_steps=2, eval_every=1, max_new_tokens=4, prompts_per_step=2,
+              rollouts_per_prompt=2, eval_max=3, num_partners=1)
+    doc = study.run_one("largest_shortcut", "credit_lam0.5_mu0.5", 0, runs=str(tmp_path / "runs"),
+                        out_dir=str(tmp_path / "out"), eval_cache=str(tmp_path / "cache.json"), **kw)
+    path = tmp_path / "out" / "largest_shortcut__credit_lam0.5_mu0.5__seed0.json"
+    assert json.loads(path.read_text())["config"] == "credit_lam0.5_mu0.5"
+    assert [s for s, _ in doc["summary"]["eval_results"]] == [0, 1, 2]
+    assert all(r["samples"] == study.COMMON["eval_sampled"] for _, r in doc["summary"]["eval_results"])
+    assert [s["step"] for s in doc["steps"]] == [1, 2] and "task/shortcut_rate" in doc["steps"][0]
+    assert doc["train_config"]["mu"] == 0.5 and doc["train_config"]["lam"] == 0.5
+    assert not (tmp_path / "runs" / "largest_shortcut__credit_lam0.5_mu0.5__seed0" / "ckpt").exists()
+    assert json.loads((tmp_path / "cache.json").read_text())  # the step-0 eval was cached
+    summary = study.summarize([doc])
+    row = summary["tasks"]["largest_shortcut"]["configs"]["credit_lam0.5_mu0.5"]
+    assert math.isnan(row["greedy_gain"]["lo"])  # one seed: no interval
+    study.main(["--list", "--tasks", "largest_shortcut", "--configs", "credit_lam0.5_mu0.5", "--seeds", "0",
+                "--out-dir", str(tmp_path / "out")])
+    assert "done  largest_shortcut__credit_lam0.5_mu0.5__seed0" in capsys.readouterr().out
