@@ -23,9 +23,12 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", default=None, help="a run directory: evaluate its last checkpoint's student")
     p.add_argument("--task", default="largest")
     p.add_argument("--data", default="", help="JSONL held-out records (default: the synthetic task's held-out split)")
-    p.add_argument("--n-heldout", type=int, default=64)
+    p.add_argument("--n-heldout", type=int, default=0,
+                   help="held-out inputs of a synthetic task (0 = the task's default, as credit train)")
     p.add_argument("--max-new-tokens", type=int, default=TrainConfig.max_new_tokens,
                    help="response length cap (default: the same as credit train's)")
+    p.add_argument("--sampled", type=int, default=0,
+                   help="also the accuracy of this many sampled replies per input (seeded: --seed)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
 
@@ -37,12 +40,12 @@ def _eval(args: argparse.Namespace) -> int:
     from credit.checkpoint import latest_checkpoint
     from credit.envs import get_task, load_jsonl
     from credit.models import load_model, resolve_device, resolve_dtype
-    from credit.trainer import evaluate
+    from credit.evaluation import evaluate_heldout
 
     cfg = TrainConfig(model=args.model, task=args.task, n_heldout=args.n_heldout, max_new_tokens=args.max_new_tokens,
-                      device=args.device, seed=args.seed, eval_max=0)
+                      device=args.device, seed=args.seed, eval_max=0, eval_sampled=args.sampled)
     env = get_task(cfg.task)
-    records = load_jsonl(args.data, cfg.task) if args.data else env.splits(seed=cfg.seed, n_heldout=cfg.n_heldout).heldout
+    records = load_jsonl(args.data, cfg.task) if args.data else env.splits(seed=cfg.seed, n_heldout=cfg.n_heldout or None).heldout
     device = resolve_device(cfg.device)
     model, tokenizer = load_model(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
     if args.run:
@@ -52,8 +55,14 @@ def _eval(args: argparse.Namespace) -> int:
                              "another run directory")
         model.load_state_dict(torch.load(os.path.join(ckpt, "student.pt"), map_location=device))
         print(f"evaluating {ckpt}")
-    acc = evaluate(model, tokenizer, env, records, cfg)
-    print(f"held-out accuracy: {acc:.3f} on {len(records)} records of task {cfg.task}")
+    res = evaluate_heldout(model, tokenizer, env, records, cfg)
+    lo, hi = res.greedy_interval
+    line = f"held-out accuracy: {res.greedy:.3f} greedy (95% interval {lo:.3f}-{hi:.3f})"
+    if res.samples:
+        line += f", {res.sampled:.3f} sampled ({res.samples} per input)"
+    if res.shortcut_greedy is not None:
+        line += f", shortcut rate {res.shortcut_greedy:.3f}"
+    print(f"{line} on {len(records)} records of task {cfg.task}")
     return 0
 
 
