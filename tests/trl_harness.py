@@ -109,27 +109,29 @@ def _main() -> None:
     ap.add_argument("--out", required=True, help="torch.save target (rank 0 writes)")
     ap.add_argument("--mode", default="sampled_token")
     a = ap.parse_args()
-    from accelerate import PartialState
-
-    state = PartialState()
-    per_device = 8 // state.num_processes
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # accelerate's state is only settled by the trainer's args
+    per_device = 8 // world
     kw = dict(per_device_train_batch_size=per_device, lam=0.5, num_partners=2, teacher_model_kind="live",
               distillation_mode=a.mode, distillation_alpha=1.0 if a.mode == "sampled_token" else 0.5,
               distillation_topk=5 if a.mode == "topk_logits" else None, generation_kwargs={"do_sample": False})
     trainer = make_trainer(True, a.model, os.path.dirname(a.out), **kw)
-    losses = []
+    losses, batches = [], []
     orig = trainer.compute_loss
 
     def record(model, inputs, *args, **kwargs):
         loss = orig(model, inputs, *args, **kwargs)
         losses.append(trainer.accelerator.gather(loss.detach().reshape(1)).mean().item())
+        acc = trainer.accelerator
+        batches.append({k: acc.gather(acc.pad_across_processes(inputs[k], dim=1) if inputs[k].dim() > 1 else
+                                      inputs[k]).cpu()
+                        for k in ("prompt_ids", "completion_ids", "self_distillation_mask", "advantages")})
         return loss
 
     trainer.compute_loss = record
     trainer.train()
-    if state.is_main_process:
+    if trainer.accelerator.is_main_process:
         params = {n: p.detach().cpu().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
-        torch.save({"losses": losses, "params": params, "num_processes": state.num_processes}, a.out)
+        torch.save({"losses": losses, "batches": batches, "params": params, "num_processes": trainer.accelerator.num_processes}, a.out)
 
 
 if __name__ == "__main__":

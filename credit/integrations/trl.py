@@ -200,6 +200,7 @@ class CreditSDPOTrainer(SDPOTrainer):
         self.teacher_context_builder = _CreditContextBuilder(self)
         self._scorer: TeacherScorer | None = None
         self.last_teacher_time_s = 0.0
+        self.last_token_rewards: torch.Tensor | None = None  # sampled-token mode: the last step's CREDIT rewards
 
     def _prepare_training_batch(self, inputs):
         batch = super()._prepare_training_batch(inputs)
@@ -383,7 +384,12 @@ class CreditSDPOTrainer(SDPOTrainer):
         sd_mask = inputs.get("self_distillation_mask")
         loss_mask = completion_mask if sd_mask is None else completion_mask * sd_mask.unsqueeze(1)
         if loss_mask.sum() == 0:
-            self._log_self_distillation_metric(mode, 0.0)
+            # every rank must join the same collectives: gather the metric here too (a rank whose shard has no
+            # teacher signal would otherwise leave the others waiting in their gather)
+            zero = per_token_logps.new_zeros(())
+            self._log_self_distillation_metric(mode, self.accelerator.gather(zero).mean().item())
+            if self.args.num_partners > 0 and self.args.distillation_mode == "sampled_token":
+                self._metrics[mode]["credit/input_specific"].append(self.accelerator.gather(zero).mean().item())
             return per_token_logps.sum() * 0.0  # attached to the student graph: zero gradients, not none
         keep = loss_mask.bool()
         if args.distillation_mode == "sampled_token":
@@ -395,6 +401,7 @@ class CreditSDPOTrainer(SDPOTrainer):
                 self._log_contrast(mode, teacher.aligned, teacher.shuffled, keep)
             else:
                 r = sdpo_rewards(teacher.aligned, s.detach(), keep)
+            self.last_token_rewards = r.detach()  # [B, T], 0 outside the loss mask
             per_token_loss = -r.detach() * s  # TRL: (s - a).detach() * s at lam = 0
         else:
             per_token_loss = self._topk_loss(inputs, hidden, weight, loss_mask, mode)
