@@ -17,5 +17,5 @@ def test_bench_trl_smoke(tmp_path):
     assert data["meta"]["model"] == "smoke" and data["meta"]["trl"] == "1.16.0"
     for r in rows:
         median, p20, p80 = r["step_ms"]
-        assert 0 < p20 <= p80 and p20 <= median * 1.0001 <= p80 * 1.0001 + 1e-9
+        assert 0 < p20 <= median <= p80
         assert median > 0 and r["teacher_ms"] > 0
