@@ -248,3 +248,29 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-4)
     for name, p in one["params"].items():
         torch.testing.assert_close(two["params"][name], p, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the embedded SmolLM2-135M: real weights, real chat template (slow: ~15 s once the model cache exists)
+@pytest.mark.slow
+def test_embedded_model_lam0_equals_stock_and_lam_positive_trains(tmp_path):
+    from credit.models import _embedded_dir
+
+    model_dir = _embedded_dir()
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS[:2]]
+    kw = _mode_kw("sampled_token", lam=0.0, num_partners=1, per_device_train_batch_size=4,
+                  include_environment_feedback=False)
+    ours = make_trainer(True, model_dir, str(tmp_path / "credit"), prompts=prompts, **kw)
+    stock = make_trainer(False, model_dir, str(tmp_path / "stock"), prompts=prompts, **kw)
+    batch = one_batch(ours)
+    assert batch["self_distillation_mask"].sum() > 0
+    loss, grads = loss_and_grads(ours, batch)
+    ref_loss, ref_grads = loss_and_grads(stock, batch)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-4)
+    diff, scale = _max_grad_diff(grads, ref_grads)
+    assert diff <= 1e-3 * scale + 1e-7, f"max grad diff {diff} (max grad {scale})"
+    # lam > 0 changes the loss through the shuffled teacher, and its gradient is finite
+    ours.args.lam = 0.5
+    loss_cr, grads_cr = loss_and_grads(ours, batch)
+    assert torch.isfinite(loss_cr) and not torch.allclose(loss_cr, loss)
+    assert all(torch.isfinite(g).all() for g in grads_cr.values())

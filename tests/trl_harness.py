@@ -24,7 +24,8 @@ def feedback(prompts):
 
 def reward_parity(completions, **kwargs):
     """A deterministic toy outcome reward with successes and failures in most groups."""
-    return [float(sum(map(ord, c)) % 2) for c in completions]
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]  # conversational or plain
+    return [float(sum(map(ord, t)) % 2) for t in texts]
 
 
 def save_tiny_model(path: str, tokenizer_dir: str | None = None) -> str:
