@@ -131,8 +131,10 @@ def _main() -> None:
     trainer.compute_loss = record
     trainer.train()
     if trainer.accelerator.is_main_process:
-        params = {n: p.detach().cpu().clone() for n, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()}
-        torch.save({"losses": losses, "batches": batches, "params": params, "num_processes": trainer.accelerator.num_processes}, a.out)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        params = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+        torch.save({"losses": losses, "batches": batches, "params": params,
+                    "num_processes": trainer.accelerator.num_processes}, a.out)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ class CreditSDPOConfig(SDPOConfig):
         default=1, metadata={"help": "Shuffled teacher contexts per response, M in [0, P - 1]; 0 only with lam=0."}
     )
     baseline: str = field(default="mean", metadata={"help": "beta over the M shuffled teachers: mean | logmeanexp."})
-    swap: str = field(default="input", metadata={"help": "Shuffled context: input = c(x_j, f_i), context = c(x_j, f_j)."})
+    swap: str = field(
+        default="input", metadata={"help": "Shuffled context: input = c(x_j, f_i), context = c(x_j, f_j)."}
+    )
     teacher_scoring: str = field(
         default="packed", metadata={"help": "Teacher log-probs: packed (prefix-trie forward) | trl (padded forwards)."}
     )
@@ -212,8 +214,8 @@ class CreditSDPOTrainer(SDPOTrainer):
             raise ValueError("CreditSDPOTrainer: PEFT models (peft_config / a PeftModel) are not supported yet: the "
                              "fused heads need the merged LM head. Train the full model.")
         if self.is_fsdp_enabled:
-            raise ValueError("CreditSDPOTrainer: FSDP (`fsdp` / an FSDP accelerate config) is not supported: the packed "
-                             "teacher scorer and the fused heads need full weights on every rank. Use DDP "
+            raise ValueError("CreditSDPOTrainer: FSDP (`fsdp` / an FSDP accelerate config) is not supported: the "
+                             "packed teacher scorer and the fused heads need full weights on every rank. Use DDP "
                              "(accelerate --multi_gpu) or DeepSpeed ZeRO-1/2.")
         if self.is_deepspeed_enabled:
             stage = self.accelerator.state.deepspeed_plugin.zero_stage
