@@ -104,7 +104,16 @@ def main(argv=None):
         report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
         generation_kwargs={"do_sample": True, "temperature": 1.0},
     )
-    trainer = CreditSDPOTrainer(model=model_dir, reward_funcs=outcome, args=config, train_dataset=data)
+    from transformers import TrainerCallback
+
+    logged: list[dict] = []
+
+    class KeepLogs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(dict(logs or {}))
+
+    trainer = CreditSDPOTrainer(model=model_dir, reward_funcs=outcome, args=config, train_dataset=data,
+                                callbacks=[KeepLogs()])
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
     main_proc = trainer.accelerator.is_main_process
@@ -116,7 +125,7 @@ def main(argv=None):
     t2 = time.perf_counter()
     after = heldout_accuracy(model, tok, task, split.heldout, args.max_new_tokens) if main_proc else None
     if main_proc:
-        rewards = [h["self_distillation/reward_mean"] for h in trainer.state.log_history
+        rewards = [round(float(h["self_distillation/reward_mean"]), 4) for h in logged
                    if "self_distillation/reward_mean" in h]
         result = {
             "task": task.name, "model": args.model, "steps": args.steps, "lam": args.lam,
