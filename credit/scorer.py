@@ -279,10 +279,10 @@ def _topk_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Te
     return logp, torch.logsumexp(rest, dim=-1) - lse
 
 
-def _linear_gather_fallback(hidden, weight, ids, *, chunk_rows: int):
+def _linear_gather_fallback(hidden, weight, ids, *, chunk_rows: int, temperature: float = 1.0):
     logps, tails = [], []
     for a in range(0, hidden.shape[0], chunk_rows):
-        z = (hidden[a : a + chunk_rows] @ weight.T).float()  # [chunk, V]: the materialised fallback
+        z = (hidden[a : a + chunk_rows] @ weight.T).float() / temperature  # [chunk, V]: the materialised fallback
         lp, tl = _topk_from_logits(z, ids[a : a + chunk_rows])
         logps.append(lp)
         tails.append(tl)
@@ -304,12 +304,12 @@ def _fused_gather():
     return None
 
 
-def _linear_gather(hidden, weight, ids, *, chunk_rows: int):
+def _linear_gather(hidden, weight, ids, *, chunk_rows: int, temperature: float = 1.0):
     """The fused `linear_gather` when available (never N x V), else a chunked torch projection."""
     fused = _fused_gather()
     if fused is None:
-        return _linear_gather_fallback(hidden, weight, ids, chunk_rows=chunk_rows)
-    logp, tail = fused(hidden, weight, ids, tail=True)
+        return _linear_gather_fallback(hidden, weight, ids, chunk_rows=chunk_rows, temperature=temperature)
+    logp, tail = fused(hidden, weight, ids, tail=True, temperature=temperature)
     return logp, tail
 
 
@@ -419,6 +419,7 @@ class TeacherScorer:
             Bounds activation memory; a single longer sequence runs alone (with a warning).
         chunk_rows: rows per vocabulary projection where logits are materialised (the naive backend, and the
             top-k gather when credit_kernels.linear_gather is absent): ~ chunk_rows x V x 4 bytes extra.
+        temperature: the teacher's softmax temperature: log-probs of softmax(logits / temperature).
         check_inputs: the device-side checks: the tree attention plan's values, linear_logprob's target range and
             NaN/inf scan (a few host syncs). Token ids, pairs and top-k ids are always checked on the host.
 
@@ -439,6 +440,7 @@ class TeacherScorer:
         max_tokens: int = 32768,
         chunk_rows: int = 4096,
         check_inputs: bool = True,
+        temperature: float = 1.0,
     ):
         fn = "TeacherScorer"
         if backend not in _BACKENDS:
@@ -448,6 +450,8 @@ class TeacherScorer:
         for name, val in (("max_tokens", max_tokens), ("chunk_rows", chunk_rows)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{fn}: {name} must be an int >= 1; got {val!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"{fn}: temperature must be a number > 0; got {temperature!r}")
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"{fn}: model must be a transformers PreTrainedModel; got {type(model).__name__}")
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -466,6 +470,7 @@ class TeacherScorer:
         self.max_tokens = max_tokens
         self.chunk_rows = chunk_rows
         self.check_inputs = check_inputs
+        self.temperature = float(temperature)
         # token ids index the embedding and targets the head: both must hold every id
         self.vocab = min(int(emb.weight.shape[0]), int(head.weight.shape[0]))
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -634,8 +639,9 @@ class TeacherScorer:
     def _head(self, hidden: torch.Tensor, keys: torch.Tensor, topk: bool) -> tuple[torch.Tensor, ...]:
         weight = self.model.get_output_embeddings().weight
         if topk:
-            return _linear_gather(hidden, weight, keys, chunk_rows=self.chunk_rows)
-        return (linear_logprob(hidden, weight, keys[:, 0], check_inputs=self.check_inputs),)
+            return _linear_gather(hidden, weight, keys, chunk_rows=self.chunk_rows, temperature=self.temperature)
+        return (linear_logprob(hidden, weight, keys[:, 0], temperature=self.temperature,
+                               check_inputs=self.check_inputs),)
 
     def _run_tree(self, work: _Work, outs, device, topk: bool) -> None:
         trie = build_prefix_trie(work.seqs)
@@ -727,6 +733,8 @@ class TeacherScorer:
             for a in range(0, flat_t.numel(), self.chunk_rows):  # fp32 log-softmax, chunk_rows rows at a time
                 sl = slice(a, a + self.chunk_rows)
                 z = logits[sel_b_t[sl], sel_c_t[sl]].float()  # [chunk, V]
+                if self.temperature != 1.0:
+                    z = z / self.temperature
                 kk = keys[flat_t[sl]]
                 if topk:
                     outs[0][flat_t[sl]], outs[1][flat_t[sl]] = _topk_from_logits(z, kk)
