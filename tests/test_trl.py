@@ -48,9 +48,9 @@ def _max_grad_diff(g1, g2):
         ("sampled_token", "packed", 0, {}),
         ("sampled_token", "packed", 1, {}),
         ("sampled_token", "trl", 1, {}),
-        ("sampled_token", "packed", 1, {"distillation_weight": 0.5}),
+        ("sampled_token", "packed", 1, {"distillation_weight": 0.5, "temperature": 0.7}),
         ("topk_logits", "packed", 0, {}),
-        ("topk_logits", "packed", 2, {}),
+        ("topk_logits", "packed", 2, {"temperature": 0.7}),
         ("topk_logits", "trl", 1, {"distillation_add_tail": False}),
     ],
 )
@@ -189,12 +189,11 @@ def test_config_errors_name_the_setting(tmp_path):
         (dict(swap="both"), "`swap`"),
         (dict(teacher_scoring="vllm"), "`teacher_scoring`"),
         (dict(distillation_mode="full_logits", distillation_alpha=0.5), "full_logits"),
-        (dict(temperature=0.7), "temperature"),
     ]
     for kw, needle in cases:
         with pytest.raises(ValueError, match=needle):
             make_config(True, out, **kw)
-    assert isinstance(make_config(True, out, temperature=0.7, teacher_scoring="trl"), CreditSDPOConfig)
+    assert isinstance(make_config(True, out), CreditSDPOConfig)
 
 
 def test_single_prompt_batch_refuses_partners(tiny_model_dir, tmp_path):

@@ -24,7 +24,7 @@ base teachers, IS clipping, the distillation_weight mix, logging, checkpointing)
 
 Unsupported (a clear error at construction): PEFT models, FSDP, DeepSpeed ZeRO-3 (the fused heads and the packed
 scorer need the full LM head and teacher weights on every rank), the teacher server, ``distillation_mode=
-"full_logits"``, and ``temperature != 1`` with the packed scorer.
+"full_logits"``.
 """
 
 from __future__ import annotations
@@ -105,11 +105,6 @@ class CreditSDPOConfig(SDPOConfig):
             )
         if self.distillation_mode == "topk_logits" and self.distillation_topk is None:
             raise ValueError("`distillation_mode='topk_logits'` requires `distillation_topk` to be set.")
-        if self.teacher_scoring == "packed" and self.temperature != 1.0:
-            raise ValueError(
-                f"`temperature={self.temperature}` with `teacher_scoring='packed'`: the packed scorer scores at "
-                "temperature 1; use temperature=1.0 or teacher_scoring='trl'."
-            )
         if self.scorer_max_tokens < 1:
             raise ValueError(f"`scorer_max_tokens` must be >= 1, got {self.scorer_max_tokens}.")
 
@@ -269,7 +264,9 @@ class CreditSDPOTrainer(SDPOTrainer):
 
     def _score_packed(self, inputs, loss_mask, topk_ids) -> _TeacherOut:
         if self._scorer is None or self._scorer.model is not self._teacher_module():
-            self._scorer = TeacherScorer(self._teacher_module(), max_tokens=self.args.scorer_max_tokens)
+            # TRL divides the teacher's logits by the sampling temperature too (`_forward_logits`)
+            self._scorer = TeacherScorer(self._teacher_module(), max_tokens=self.args.scorer_max_tokens,
+                                         temperature=self.temperature)
         aligned_ctx, shuffled_ctx = self._contexts(inputs)
         comp = inputs["completion_ids"]
         num, length = comp.shape
