@@ -5,7 +5,7 @@ A training run takes 6-10 minutes on 2 CPU cores; this probe takes one or two. I
 feedback variant named in `--feedback`, rebuilds the wrong responses' feedback, scores the aligned and shuffled
 teacher pairs (`CreditTeacher.pairs`, `CreditTeacher.score`) and prints, per token class, the mean of
 
-    sdpo = a - s,   contrast = a - beta,   credit = a - s - lam (beta - s)       (CREDIT.md, "Rewards")
+    sdpo = a - s,   contrast = a - beta,   credit = a - s - lam (beta - s)       (docs/method.md, "Token rewards")
 
 Token classes (`classify`): the ANSWER token (the token where the parsed answer first appears) of correct and
 of wrong responses, the FIRST token of responses that do not start with the answer, the end-of-turn token right

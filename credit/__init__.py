@@ -14,7 +14,7 @@ from credit.losses import (
 from credit.pairing import partners
 from credit.pipeline import CreditTeacher, RolloutBatch, TeacherLogprobs, TokenRewards, TopkTeacher
 from credit.rewards import SequencePMI, credit_rewards, sdpo_rewards, sequence_pmi
-from credit.scorer import TeacherScorer, TeacherScores, TeacherTopk
+from credit.scoring import TeacherScorer, TeacherScores, TeacherTopk
 from credit.templates import (
     DEFAULT_TEMPLATE,
     FeedbackSelection,

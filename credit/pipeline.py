@@ -35,7 +35,7 @@ import torch
 from credit.losses import ContrastiveTeacher, contrastive_teacher_topk
 from credit.pairing import partners as draw_partners
 from credit.rewards import sdpo_rewards
-from credit.scorer import TeacherScorer
+from credit.scoring import TeacherScorer
 from credit.templates import DEFAULT_TEMPLATE, TeacherPairs, build_teacher_pairs, select_feedback
 from credit_kernels import credit_reward
 

@@ -1,6 +1,6 @@
 r"""Teacher contexts for SDPO and CREDIT: feedback selection, SDPO's reprompt, aligned and shuffled pairs.
 
-See CREDIT.md ("Setting") and arXiv 2605.11613 (CREDIT), arXiv 2601.20802 (SDPO). The teacher scores the
+See docs/method.md ("Feedback and teacher contexts") and arXiv 2605.11613 (CREDIT), arXiv 2601.20802 (SDPO). The teacher scores the
 student's exact response tokens y_i after a feedback-conditioned context c(x, f):
 
     c(x, f) = chat_template(user: "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n")
@@ -187,7 +187,7 @@ def select_feedback(
         env_feedback: B texts or None entries (empty / whitespace-only counts as None), or None for no feedback.
         seed: seed of the demonstration choice.
         feedback_only_without_solution: drop the environment feedback when a solution was found (SDPO's
-            ``environment_feedback_only_without_solution``); default False keeps both, as CREDIT.md states.
+            ``environment_feedback_only_without_solution``); default False keeps both (docs/method.md).
 
     Returns:
         FeedbackSelection(solutions, feedbacks, mask [B] bool).
