@@ -250,7 +250,8 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the embedded SmolLM2-135M: real weights, real chat template (slow: ~15 s once the model cache exists)
+# the embedded SmolLM2-135M: real weights, real chat template. slow: 20-30 s on the shared 2-core machine once the
+# model cache exists (the first run in a fresh cache converts the GGUF: ~30 s more)
 @pytest.mark.slow
 def test_embedded_model_lam0_equals_stock_and_lam_positive_trains(tmp_path):
     from credit.models import _embedded_dir

@@ -41,7 +41,7 @@ from trl.trainer.utils import pad, selective_log_softmax
 from credit.losses import contrastive_teacher_topk
 from credit.pairing import partners as draw_partners
 from credit.rewards import credit_rewards, sdpo_rewards
-from credit.scorer import TeacherScorer
+from credit.scoring import TeacherScorer
 from credit_kernels.linear_logprob import linear_logprob
 from credit_kernels.linear_topk import linear_topk
 
