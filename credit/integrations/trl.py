@@ -1,0 +1,453 @@
+r"""CREDIT inside TRL: `CreditSDPOTrainer`, a drop-in subclass of `trl.experimental.sdpo.SDPOTrainer` (trl==1.16.0).
+
+CREDIT (arXiv 2605.11613) replaces SDPO's token reward a - s by
+
+    r = a - s - lam * (beta - s),    beta = mean_m b^m  (or log-mean-exp),  b^m = log T(y | c(x_pi_m(i), f_i), y_<)
+
+where the M shuffled teachers see another group's prompt (a seeded group-level derangement over the GLOBAL batch)
+with the response's own feedback (``swap="input"``) or the partner's whole context (``swap="context"``). At logit
+level (``distillation_mode="topk_logits"``) the teacher becomes log T~(v) = log T(v) + lam * (s(v) - beta(v)),
+renormalised over the student's top-k + tail buckets. lam = 0 is SDPO.
+
+What changes against the stock trainer (everything else is TRL's: generation, rewards, advantages, EMA / live /
+base teachers, IS clipping, the distillation_weight mix, logging, checkpointing):
+
+- Teacher contexts: TRL's own `SuccessfulRolloutTeacherContextBuilder` renders the aligned context (so lam = 0 is
+  exactly stock SDPO); a subclass records the (solution, feedback) texts it used and renders the shuffled contexts
+  with TRL's own templates. Feedback texts and prompts are gathered across processes, partners are drawn with the
+  same seed on every rank, and each rank scores only its own responses.
+- Teacher log-probs (``teacher_scoring="packed"``, default): the aligned and the M shuffled pairs of the local batch
+  in one packed prefix-trie forward (`credit.TeacherScorer`): no [B, T, V] teacher logits. ``teacher_scoring="trl"``
+  keeps TRL's padded teacher forward (full logits; one per context set), e.g. as a peer in benchmarks.
+- Student log-probs: final hidden states of the trainer's own (wrapped, so DDP syncs) forward, projected by the fused
+  `linear_logprob` (sampled token) or `linear_topk` (top-k support): no [B, T, V] student logits.
+
+Unsupported (a clear error at construction): PEFT models, FSDP, DeepSpeed ZeRO-3 (the fused heads and the packed
+scorer need the full LM head and teacher weights on every rank), the teacher server, ``distillation_mode=
+"full_logits"``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+import torch
+from accelerate.utils import gather_object, is_peft_model
+from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
+from trl.experimental.sdpo.loss_utils import add_tail_bucket, apply_importance_sampling_clipping, compute_divergence
+from trl.experimental.sdpo.sdpo_trainer import SuccessfulRolloutTeacherContextBuilder, _extract_last_user_text
+from trl.trainer.utils import pad, selective_log_softmax
+
+from credit.losses import contrastive_teacher_topk
+from credit.pairing import partners as draw_partners
+from credit.rewards import credit_rewards, sdpo_rewards
+from credit.scoring import TeacherScorer
+from credit_kernels.linear_logprob import linear_logprob
+from credit_kernels.linear_topk import linear_topk
+
+__all__ = ["CreditSDPOConfig", "CreditSDPOTrainer"]
+
+_SCORING = ("packed", "trl")
+_BASELINES = ("mean", "logmeanexp")
+_SWAPS = ("input", "context")
+
+
+@dataclass
+class CreditSDPOConfig(SDPOConfig):
+    r"""`SDPOConfig` plus CREDIT's options (every SDPO field keeps its meaning and default).
+
+    > Parameters that control CREDIT
+
+    lam (`float`, defaults to `0.5`): debiasing weight in [0, 1]; 0 is SDPO, 1 the pure contrast a - beta.
+    num_partners (`int`, defaults to `1`): M shuffled teacher contexts per response, 0 <= M <= P - 1 over the global
+        batch's P prompts; 0 only with lam = 0.
+    baseline (`str`, defaults to `"mean"`): beta over the M shuffled teachers, "mean" or "logmeanexp".
+    swap (`str`, defaults to `"input"`): "input" scores after c(x_j, f_i) (the partner's prompt, own feedback);
+        "context" after c(x_j, f_j) (the partner's whole context).
+    teacher_scoring (`str`, defaults to `"packed"`): "packed" (one prefix-trie forward for the aligned and shuffled
+        pairs, fused heads) or "trl" (TRL's padded teacher forwards with full logits).
+    partner_seed (`int`, defaults to `0`): seed of the partner draw; step s uses partner_seed + s on every rank.
+    scorer_max_tokens (`int`, defaults to `32768`): unique tokens per packed teacher forward (bounds memory).
+    """
+
+    lam: float = field(default=0.5, metadata={"help": "CREDIT debiasing weight in [0, 1] (0 = SDPO)."})
+    num_partners: int = field(
+        default=1, metadata={"help": "Shuffled teacher contexts per response, M in [0, P - 1]; 0 only with lam=0."}
+    )
+    baseline: str = field(default="mean", metadata={"help": "beta over the M shuffled teachers: mean | logmeanexp."})
+    swap: str = field(
+        default="input", metadata={"help": "Shuffled context: input = c(x_j, f_i), context = c(x_j, f_j)."}
+    )
+    teacher_scoring: str = field(
+        default="packed", metadata={"help": "Teacher log-probs: packed (prefix-trie forward) | trl (padded forwards)."}
+    )
+    partner_seed: int = field(default=0, metadata={"help": "Partner draw seed; step s uses partner_seed + s."})
+    scorer_max_tokens: int = field(default=32768, metadata={"help": "Unique tokens per packed teacher forward."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"`lam` must be a number in [0, 1], got {self.lam!r}.")
+        if isinstance(self.num_partners, bool) or not isinstance(self.num_partners, int) or self.num_partners < 0:
+            raise ValueError(f"`num_partners` must be an int >= 0, got {self.num_partners!r}.")
+        if self.lam > 0 and self.num_partners == 0:
+            raise ValueError(f"`lam={self.lam}` needs `num_partners >= 1` shuffled teachers; use lam=0 for SDPO.")
+        if self.baseline not in _BASELINES:
+            raise ValueError(f"`baseline` must be one of {_BASELINES}, got {self.baseline!r}.")
+        if self.swap not in _SWAPS:
+            raise ValueError(f"`swap` must be one of {_SWAPS}, got {self.swap!r}.")
+        if self.teacher_scoring not in _SCORING:
+            raise ValueError(f"`teacher_scoring` must be one of {_SCORING}, got {self.teacher_scoring!r}.")
+        if self.distillation_mode == "full_logits":
+            raise ValueError(
+                "`distillation_mode='full_logits'` is not supported by CreditSDPOTrainer (it needs [B, T, V] teacher "
+                "logits); use 'topk_logits' (CREDIT's contrastive teacher) or 'sampled_token'."
+            )
+        if self.distillation_mode == "topk_logits" and self.distillation_topk is None:
+            raise ValueError("`distillation_mode='topk_logits'` requires `distillation_topk` to be set.")
+        if self.scorer_max_tokens < 1:
+            raise ValueError(f"`scorer_max_tokens` must be >= 1, got {self.scorer_max_tokens}.")
+
+
+class _CreditContextBuilder(SuccessfulRolloutTeacherContextBuilder):
+    """TRL's builder (aligned contexts unchanged) that also renders the shuffled partner contexts."""
+
+    def _build_reprompt_text(self, prompt_text: str, solution_text: str, feedback_text: str) -> str:
+        self._used.append((solution_text, feedback_text))  # called once per active local sample, in order
+        return super()._build_reprompt_text(prompt_text, solution_text, feedback_text)
+
+    def _render(self, prompt, solution_text: str, feedback_text: str):
+        # the same message layout as the parent's build (system turns kept, last user turn reprompted)
+        if isinstance(prompt, list):
+            text = super()._build_reprompt_text(_extract_last_user_text(prompt), solution_text, feedback_text)
+            return prompt[:-1] + [{"role": "user", "content": text}]
+        return super()._build_reprompt_text(prompt, solution_text, feedback_text)
+
+    def build(self, output, prompts, rewards, feedbacks=None):
+        self._used = []
+        out = super().build(output, prompts, rewards, feedbacks=feedbacks)
+        trainer = self.trainer
+        args = trainer.args
+        active = out["self_distillation_mask"].detach().cpu().bool().tolist()
+        used = iter(self._used)
+        local_texts = [next(used) if a else None for a in active]
+        num_local, num_partners = len(prompts), args.num_partners
+        device = trainer.accelerator.device
+        if num_partners == 0:
+            empty = torch.zeros(num_local, 0, 1, dtype=torch.long, device=device)
+            self.last_partner_batch = {"credit_partner_ids": empty, "credit_partner_mask": empty.clone()}
+            return out
+        mode = "train" if trainer.model.training else "eval"
+        num_gen = trainer.num_generations if mode == "train" else trainer.num_generations_eval
+        all_prompts = gather_object(prompts)
+        all_texts = gather_object(local_texts)
+        total = len(all_prompts)
+        group_ids = [i // num_gen for i in range(total)]
+        seed = int(args.partner_seed) + int(trainer._step)
+        try:
+            part = draw_partners(group_ids, num_partners, seed=seed).tolist()  # [B_global, M], same on every rank
+        except ValueError as err:
+            raise ValueError(f"CreditSDPOTrainer: cannot draw {num_partners} partners over the global batch of "
+                             f"{total // num_gen} prompts ({err}). Use more prompts per step or lam=0.") from err
+        first_texts: dict[int, tuple[str, str]] = {}
+        for i, t in enumerate(all_texts):
+            if t is not None:
+                first_texts.setdefault(group_ids[i], t)
+        start = trainer.accelerator.process_index * num_local
+        messages = []
+        for gi in range(start, start + num_local):
+            own = all_texts[gi] if all_texts[gi] is not None else ("", "")
+            for j in part[gi]:
+                sol, fb = own if args.swap == "input" else first_texts.get(j, ("", ""))
+                messages.append(self._render(all_prompts[j * num_gen], sol, fb))
+        ids = trainer._tokenize_prompts_untruncated(messages)
+        ids = [torch.as_tensor(x[-args.max_reprompt_len :], dtype=torch.long) for x in ids]
+        pid = pad(ids, padding_value=trainer._tokenizer.pad_token_id, padding_side="left")
+        pmask = pad([torch.ones(len(x), dtype=torch.long) for x in ids], padding_value=0, padding_side="left")
+        self.last_partner_batch = {
+            "credit_partner_ids": pid.view(num_local, num_partners, -1).to(device),  # [B, M, Lp] left-padded
+            "credit_partner_mask": pmask.view(num_local, num_partners, -1).to(device),
+        }
+        return out
+
+
+@dataclass
+class _TeacherOut:
+    aligned: torch.Tensor  # [B, T] (sampled) or [B, T, k] (top-k) fp32
+    shuffled: torch.Tensor  # [M, B, T] or [M, B, T, k]
+    aligned_tail: torch.Tensor | None = None  # [B, T]
+    shuffled_tail: torch.Tensor | None = None  # [M, B, T]
+
+
+def _unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
+    return ids[mask.bool()].tolist()
+
+
+class CreditSDPOTrainer(SDPOTrainer):
+    """`SDPOTrainer` with CREDIT rewards / the contrastive teacher and packed, fused scoring (module docstring).
+
+    Takes exactly SDPOTrainer's arguments; `args` must be a `CreditSDPOConfig`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, CreditSDPOConfig):
+            raise TypeError(f"CreditSDPOTrainer: args must be a CreditSDPOConfig; got {type(self.args).__name__}")
+        self._refuse_unsupported()
+        self.teacher_context_builder = _CreditContextBuilder(self)
+        self._scorer: TeacherScorer | None = None
+        self.last_teacher_time_s = 0.0
+        self.last_token_rewards: torch.Tensor | None = None  # sampled-token mode: the last step's CREDIT rewards
+
+    def _prepare_training_batch(self, inputs):
+        batch = super()._prepare_training_batch(inputs)
+        batch.update(self.teacher_context_builder.last_partner_batch)  # [B, M, Lp]: survives split_tensor_dict
+        return batch
+
+    def _refuse_unsupported(self) -> None:
+        if is_peft_model(self.model):
+            raise ValueError("CreditSDPOTrainer: PEFT models (peft_config / a PeftModel) are not supported yet: the "
+                             "fused heads need the merged LM head. Train the full model.")
+        if self.is_fsdp_enabled:
+            raise ValueError("CreditSDPOTrainer: FSDP (`fsdp` / an FSDP accelerate config) is not supported: the "
+                             "packed teacher scorer and the fused heads need full weights on every rank. Use DDP "
+                             "(accelerate --multi_gpu) or DeepSpeed ZeRO-1/2.")
+        if self.is_deepspeed_enabled:
+            stage = self.accelerator.state.deepspeed_plugin.zero_stage
+            if stage == 3:
+                raise ValueError("CreditSDPOTrainer: DeepSpeed ZeRO-3 (`zero_stage: 3`) is not supported: the packed "
+                                 "teacher scorer and the fused heads need full weights on every rank. Use ZeRO-1/2.")
+        if self.use_teacher_server:
+            raise ValueError("CreditSDPOTrainer: the vLLM teacher server (`use_teacher_server=True`) is not supported; "
+                             "the shuffled teachers are scored locally.")
+        head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+        if getattr(head, "bias", None) is not None or getattr(self.model.config, "final_logit_softcapping", None):
+            raise ValueError("CreditSDPOTrainer: LM heads with a bias or logit softcapping are not supported.")
+
+    # -- student: hidden states through the wrapped model, fused heads --------------------------------------------
+    def _student_hidden(self, model, inputs) -> torch.Tensor:
+        """[B, T, d] final hidden states at the positions that predict the completion tokens."""
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        model_inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False, "output_hidden_states": True}
+        if "logits_to_keep" in self.model_kwarg_keys:
+            model_inputs["logits_to_keep"] = 1  # the head runs on one position; we project the rows ourselves
+        hidden = model(**model_inputs).hidden_states[-1]  # after the final norm
+        length = inputs["completion_ids"].size(1)
+        return hidden[:, -length - 1 : -1]
+
+    def _head_weight(self, model) -> torch.Tensor:
+        return self.accelerator.unwrap_model(model).get_output_embeddings().weight
+
+    # -- teacher --------------------------------------------------------------------------------------------------
+    def _teacher_module(self):
+        return self.accelerator.unwrap_model(self.teacher_model)
+
+    def _contexts(self, inputs) -> tuple[list[list[int]], list[list[int]]]:
+        """Aligned contexts (B lists) and shuffled ones (B * M lists, index i * M + m), unpadded."""
+        length = inputs["completion_ids"].size(1)
+        tid, tmask = inputs["teacher_input_ids"][:, :-length], inputs["teacher_attention_mask"][:, :-length]
+        aligned = [_unpad(r, m) for r, m in zip(tid.cpu(), tmask.cpu())]
+        pid, pmask = inputs["credit_partner_ids"].cpu(), inputs["credit_partner_mask"].cpu()
+        shuffled = [_unpad(pid[i, m], pmask[i, m]) for i in range(pid.size(0)) for m in range(pid.size(1))]
+        return aligned, shuffled
+
+    def _score_teacher(self, inputs, loss_mask: torch.Tensor, topk_ids: torch.Tensor | None) -> _TeacherOut:
+        start = time.perf_counter()
+        with torch.no_grad(), self._get_teacher_context_for_self_distillation():
+            if self.args.teacher_scoring == "packed":
+                out = self._score_packed(inputs, loss_mask, topk_ids)
+            else:
+                out = self._score_padded(inputs, topk_ids)
+        self.last_teacher_time_s = time.perf_counter() - start
+        return out
+
+    def _score_packed(self, inputs, loss_mask, topk_ids) -> _TeacherOut:
+        if self._scorer is None or self._scorer.model is not self._teacher_module():
+            # TRL divides the teacher's logits by the sampling temperature too (`_forward_logits`)
+            self._scorer = TeacherScorer(self._teacher_module(), max_tokens=self.args.scorer_max_tokens,
+                                         temperature=self.temperature)
+        aligned_ctx, shuffled_ctx = self._contexts(inputs)
+        comp = inputs["completion_ids"]
+        num, length = comp.shape
+        num_partners = inputs["credit_partner_ids"].size(1)
+        lengths = inputs["completion_mask"].sum(-1).tolist()
+        rows = [i for i in range(num) if lengths[i] > 0 and bool(loss_mask[i].any())]
+        responses = [comp[i, : lengths[i]].tolist() for i in range(num)]
+        pairs = [(i, i) for i in rows] + [(i, num + i * num_partners + m) for m in range(num_partners) for i in rows]
+        contexts = aligned_ctx + shuffled_ctx
+        device = comp.device
+        k = None if topk_ids is None else topk_ids.size(-1)
+        shape = (num, length) if k is None else (num, length, k)
+        aligned = torch.zeros(shape, dtype=torch.float32, device=device)
+        shuffled = torch.zeros((num_partners, *shape), dtype=torch.float32, device=device)
+        tails = (torch.zeros(num, length, device=device), torch.zeros(num_partners, num, length, device=device))
+        if not pairs:
+            return _TeacherOut(aligned, shuffled, *(tails if k is not None else (None, None)))
+        if k is None:
+            flat = self._scorer.score(contexts, responses, pairs)
+            tail_flat = None
+        else:
+            ids = [topk_ids[i, : lengths[i]] for i, _ in pairs]
+            flat, tail_flat = self._scorer.score_topk(contexts, responses, pairs, ids)
+        for p, (i, _) in enumerate(pairs):
+            m = p // len(rows) - 1  # -1: aligned
+            target = aligned[i] if m < 0 else shuffled[m, i]
+            target[: lengths[i]] = flat[p].to(device)
+            if tail_flat is not None:
+                (tails[0][i] if m < 0 else tails[1][m, i])[: lengths[i]] = tail_flat[p].to(device)
+        if k is None:
+            return _TeacherOut(aligned, shuffled)
+        return _TeacherOut(aligned, shuffled, *tails)
+
+    def _score_padded(self, inputs, topk_ids) -> _TeacherOut:
+        """TRL's teacher forward (full [B, T, V] logits), once for the aligned and once per shuffled context set."""
+        comp, cmask = inputs["completion_ids"], inputs["completion_mask"]
+        length = comp.size(1)
+        batches = [(inputs["teacher_input_ids"], inputs["teacher_attention_mask"])]
+        pid, pmask = inputs["credit_partner_ids"], inputs["credit_partner_mask"]
+        for m in range(pid.size(1)):
+            batches.append((torch.cat([pid[:, m], comp], dim=1), torch.cat([pmask[:, m], cmask], dim=1)))
+        outs, tails = [], []
+        for ids, mask in batches:
+            logits = self._forward_logits(self.teacher_model, ids, mask, length)
+            if topk_ids is None:
+                outs.append(selective_log_softmax(logits, comp).float())
+            else:
+                logp = (torch.gather(logits, -1, topk_ids) - torch.logsumexp(logits, -1, keepdim=True)).float()
+                outs.append(logp)
+                tails.append(add_tail_bucket(logp)[..., -1])
+            del logits
+        shuffled = torch.stack(outs[1:]) if len(outs) > 1 else outs[0].new_zeros((0, *outs[0].shape))
+        if topk_ids is None:
+            return _TeacherOut(outs[0], shuffled)
+        shuffled_tail = torch.stack(tails[1:]) if len(tails) > 1 else tails[0].new_zeros((0, *tails[0].shape))
+        return _TeacherOut(outs[0], shuffled, tails[0], shuffled_tail)
+
+    # -- loss -----------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("The CreditSDPOTrainer does not support returning outputs")
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        hidden = self._student_hidden(model, inputs)  # [B, T, d]
+        weight = self._head_weight(model).to(hidden.dtype)
+        keep = completion_mask.bool()
+        per_token_logps = hidden.new_zeros(completion_ids.shape, dtype=torch.float32)
+        per_token_logps = per_token_logps.masked_scatter(
+            keep, linear_logprob(hidden[keep], weight, completion_ids[keep], temperature=self.temperature)
+        )
+        w = self.args.distillation_weight
+        loss = 0.0
+        if w < 1.0:
+            loss = (1 - w) * self._policy_loss_from_logps(inputs, per_token_logps)
+        if w > 0.0:
+            loss = loss + w * self._credit_distillation_loss(model, inputs, hidden, weight, per_token_logps)
+        accumulation_scale = self.current_gradient_accumulation_steps if self.model.training else 1.0
+        return loss / accumulation_scale
+
+    def _policy_loss_from_logps(self, inputs, per_token_logps: torch.Tensor) -> torch.Tensor:
+        """SDPOTrainer._compute_policy_loss on given per-token log-probs (the same clipped objective and reductions)."""
+        completion_mask = inputs["completion_mask"]
+        old = inputs.get("old_per_token_logps")
+        old = per_token_logps.detach() if old is None else old
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        log_ratio = per_token_logps - old
+        if self.importance_sampling_level == "sequence":
+            log_ratio = (log_ratio * completion_mask).sum(-1, keepdim=True) / completion_mask.sum(
+                -1, keepdim=True
+            ).clamp(min=1.0)
+        coef_1 = torch.exp(log_ratio)
+        coef_2 = torch.clamp(coef_1, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+        masked = per_token_loss * completion_mask
+        if self.loss_type == "grpo":
+            loss = (masked.sum(-1) / completion_mask.sum(-1).clamp(min=1.0)).mean()
+        elif self.loss_type in ("bnpo", "dapo"):
+            loss = masked.sum() / completion_mask.sum().clamp(min=1.0)
+        elif self.loss_type == "dr_grpo":
+            loss = masked.sum() / (per_token_loss.size(0) * self.max_completion_length)
+        else:
+            raise ValueError(f"Unsupported loss_type: {self.loss_type}")
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["self_distillation/policy_loss"].append(
+            self.accelerator.gather(loss.detach()).mean().item()
+        )
+        return loss
+
+    def _credit_distillation_loss(self, model, inputs, hidden, weight, per_token_logps) -> torch.Tensor:
+        args = self.args
+        mode = "train" if model.training else "eval"
+        completion_mask = inputs["completion_mask"]
+        sd_mask = inputs.get("self_distillation_mask")
+        loss_mask = completion_mask if sd_mask is None else completion_mask * sd_mask.unsqueeze(1)
+        if loss_mask.sum() == 0:
+            # every rank must join the same collectives: gather the metric here too (a rank whose shard has no
+            # teacher signal would otherwise leave the others waiting in their gather)
+            zero = per_token_logps.new_zeros(())
+            self._log_self_distillation_metric(mode, self.accelerator.gather(zero).mean().item())
+            if self.args.num_partners > 0 and self.args.distillation_mode == "sampled_token":
+                self._metrics[mode]["credit/input_specific"].append(self.accelerator.gather(zero).mean().item())
+            return per_token_logps.sum() * 0.0  # attached to the student graph: zero gradients, not none
+        keep = loss_mask.bool()
+        if args.distillation_mode == "sampled_token":
+            teacher = self._score_teacher(inputs, loss_mask, None)
+            s = per_token_logps
+            if teacher.shuffled.size(0) > 0:
+                r = credit_rewards(teacher.aligned, teacher.shuffled, s.detach(), keep, lam=args.lam,
+                                   baseline=args.baseline)
+                self._log_contrast(mode, teacher.aligned, teacher.shuffled, keep)
+            else:
+                r = sdpo_rewards(teacher.aligned, s.detach(), keep)
+            self.last_token_rewards = r.detach()  # [B, T], 0 outside the loss mask
+            per_token_loss = -r.detach() * s  # TRL: (s - a).detach() * s at lam = 0
+        else:
+            per_token_loss = self._topk_loss(inputs, hidden, weight, loss_mask, mode)
+        old = inputs.get("old_per_token_logps")
+        if args.distillation_is_clip is not None and old is not None:
+            per_token_loss = apply_importance_sampling_clipping(per_token_loss, per_token_logps, old,
+                                                                args.distillation_is_clip)
+        loss = ((per_token_loss * loss_mask).sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean()
+        mean_distill = (per_token_loss * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+        self._log_self_distillation_metric(mode, self.accelerator.gather(mean_distill.detach()).mean().item())
+        return loss
+
+    def _topk_loss(self, inputs, hidden, weight, loss_mask, mode) -> torch.Tensor:
+        """Per-token top-k divergence [B, T] between the student and the (contrastive) teacher buckets."""
+        args = self.args
+        k, add_tail = args.distillation_topk, args.distillation_add_tail
+        num, length = loss_mask.shape
+        keep = loss_mask.bool()
+        top = linear_topk(hidden[keep], weight, k, temperature=self.temperature)
+        ids = torch.zeros(num, length, k, dtype=torch.long, device=hidden.device)
+        ids[keep] = top.ids
+        teacher = self._score_teacher(inputs, loss_mask, ids)
+        s_topk = top.logp  # [N, k]
+        t_topk = teacher.aligned[keep]
+        if add_tail:
+            s_buckets = add_tail_bucket(s_topk)
+        else:
+            s_buckets = s_topk - torch.logsumexp(s_topk, dim=-1, keepdim=True)
+        if teacher.shuffled.size(0) > 0:
+            tails = {}
+            if add_tail:
+                tails = dict(teacher_tail=teacher.aligned_tail[keep], shuffled_tail=teacher.shuffled_tail[:, keep],
+                             student_tail=s_buckets[..., -1].detach())
+            ct = contrastive_teacher_topk(t_topk, teacher.shuffled[:, keep], s_topk.detach(), lam=args.lam,
+                                          baseline=args.baseline, add_tail=add_tail, **tails)
+            t_buckets = torch.cat([ct.topk_logp, ct.tail_logp.unsqueeze(-1)], -1) if add_tail else ct.topk_logp
+        elif add_tail:
+            t_buckets = torch.cat([t_topk, teacher.aligned_tail[keep].unsqueeze(-1)], -1)
+        else:
+            t_buckets = t_topk - torch.logsumexp(t_topk, dim=-1, keepdim=True)
+        per_row = compute_divergence(s_buckets, t_buckets, args.distillation_alpha)
+        return per_row.new_zeros(num, length).masked_scatter(keep, per_row)
+
+    def _log_contrast(self, mode, aligned, shuffled, keep) -> None:
+        beta = shuffled.mean(0) if self.args.baseline == "mean" else (
+            torch.logsumexp(shuffled, 0) - torch.log(torch.tensor(float(shuffled.size(0)))))
+        diff = ((aligned - beta) * keep).sum() / keep.sum().clamp(min=1)
+        self._metrics[mode]["credit/input_specific"].append(self.accelerator.gather(diff.detach()).mean().item())
+        self._metrics[mode]["credit/teacher_time_s"].append(self.last_teacher_time_s)
+
