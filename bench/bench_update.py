@@ -16,10 +16,15 @@ Both give the same gradients (tests/test_packed_student.py); the JSON records th
 
 Workloads: "default" = the embedded SmolLM2-135M, P=4 prompts of task 'largest' through the chat template
 (~52 tokens), G=4 random 16-token responses (the trainer's default step); "long" = prompts of 512 tokens, G=8
-rollouts of 64, P=2, on a random Llama of SmolLM2's width (d=576, 9/3 heads, vocab 49152) with 4 layers instead of
-30 (the embedded model runs minutes per repeat on 2 CPU cores); "gpu" = Qwen2-1.5B-shaped random model (28 layers,
+rollouts of 64, P=2, on a random Llama of SmolLM2's shape (d=576, 9/3 heads, vocab 49152) with 8 layers instead of
+30 (the embedded model's padded update runs minutes per repeat on 2 shared CPU cores); "gpu" = Qwen2-1.5B-shaped random model (28 layers,
 d=1536, GQA 12/2, vocab 151936), bf16, P=8, G=4, Lp=2048, Lr=1024. Timing: each repeat runs every provider once,
 interleaved (a shared machine's load hits both alike); medians over repeats after one warm-up call each.
+
+What sharing can save: the body runs unique tokens instead of all of them, but the LM head (linear_logprob at the
+N response rows, forward + backward) does the same work on both paths. So besides the token-ratio bound
+total / unique, the JSON gives the bound that keeps the head: padded / (head + (padded - head) x unique / total),
+with the head's time ("head_only": linear_logprob fwd+bwd on N random rows) measured in the same run.
 Writes bench/results/update_<card>.json and .png.
 """
 
@@ -41,11 +46,11 @@ from credit.models import hidden_states, lm_head_weight  # noqa: E402
 from credit.packed_student import iter_packed_logprobs, plan_packs  # noqa: E402
 from credit_kernels import build_prefix_trie, linear_logprob  # noqa: E402
 
-PROVIDERS = ("padded", "packed")
+PROVIDERS = ("padded", "packed", "head_only")
 WORKLOADS = {
     # name: model, P, G, prompt length (None = the chat prompt of task 'largest'), response length, micro-batch
     "default": dict(model="embedded", prompts=4, rollouts=4, prompt_len=None, response_len=16, micro_batch=8),
-    "long": dict(model="llama-576x4", prompts=2, rollouts=8, prompt_len=512, response_len=64, micro_batch=8),
+    "long": dict(model="llama-576x8", prompts=2, rollouts=8, prompt_len=512, response_len=64, micro_batch=8),
     "gpu": dict(model="qwen2-1.5b", prompts=8, rollouts=4, prompt_len=2048, response_len=1024, micro_batch=2),
     "smoke": dict(model="llama-tiny", prompts=2, rollouts=3, prompt_len=20, response_len=6, micro_batch=4),
 }
@@ -58,7 +63,7 @@ def _random_model(name: str, device, dtype):
     import transformers
 
     shapes = {
-        "llama-576x4": (transformers.LlamaConfig, dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+        "llama-576x8": (transformers.LlamaConfig, dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8,
                                                        num_attention_heads=9, num_key_value_heads=3,
                                                        vocab_size=49152, tie_word_embeddings=True)),
         "qwen2-1.5b": (transformers.Qwen2Config, dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -137,8 +142,29 @@ def _micro_batches(provider, model, prompts, responses, micro_batch, device):
         yield idx, _padded_logprobs(model, [prompts[i] for i in idx], [responses[i] for i in idx], width, device)
 
 
+def make_head_only(model, responses, device):
+    """linear_logprob forward + backward on N random hidden rows: the update's unshared part (the LM head)."""
+    g = torch.Generator().manual_seed(2)
+    weight = lm_head_weight(model)
+    n = sum(len(r) for r in responses)
+    hidden = (torch.randn((n, weight.shape[1]), generator=g) * 0.1).to(device, weight.dtype).requires_grad_(True)
+    targets = torch.tensor([t for r in responses for t in r], device=device)
+    adv = torch.randn(n, generator=g).to(device)
+
+    def head():
+        model.zero_grad(set_to_none=True)
+        (-(adv * linear_logprob(hidden, weight, targets)).mean()).backward()
+        hidden.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return head
+
+
 def make_update(provider, model, prompts, responses, micro_batch, device, logs: list):
     """One update: zero grads, forward + backward of the token-mean policy-gradient loss per micro-batch / pack."""
+    if provider == "head_only":
+        return make_head_only(model, responses, device)
     g = torch.Generator().manual_seed(1)
     width = max(len(r) for r in responses)
     adv = torch.randn((len(responses), width), generator=g).to(device)
@@ -183,7 +209,7 @@ def run_workload(name: str, device, dtype, repeats: int, micro_batch: int | None
             t0 = time.perf_counter()
             fns[p]()
             times[p].append((time.perf_counter() - t0) * 1e3)
-    err = float((logs["packed"][-1] - logs["padded"][-1]).abs().max())
+    err = float((logs["packed"][-1] - logs["padded"][-1]).abs().max())  # the last update's log-probs
     prompt_lens = sorted({len(p) for p in prompts})
     shape = f"{name}: P={w['prompts']} G={w['rollouts']} Lp={prompt_lens[0]}-{prompt_lens[-1]} Lr={w['response_len']}"
     rows = []
@@ -193,17 +219,21 @@ def run_workload(name: str, device, dtype, repeats: int, micro_batch: int | None
                          dtype=str(dtype).replace("torch.", ""), prompts=w["prompts"], rollouts=w["rollouts"],
                          prompt_lens=prompt_lens, response_len=w["response_len"], micro_batch=w["micro_batch"],
                          ms=statistics.median(times[p]), ms_p20=q[1], ms_p80=q[7], ms_all=times[p],
-                         tokens_run=unique if p == "packed" else total, unique_tokens=unique, total_tokens=total,
+                         tokens_run={"packed": unique, "padded": total}.get(p), unique_tokens=unique, total_tokens=total,
                          unique_ratio=unique / total, packs=n_packs if p == "packed" else None,
                          response_tokens_per_s=len(responses) * w["response_len"] / (statistics.median(times[p]) / 1e3),
                          max_abs_diff_logp_vs_padded=err if p == "packed" else 0.0))
-    speedup = rows[0]["ms"] / rows[1]["ms"]
+    pad, packed, head = (r["ms"] for r in rows)
+    speedup = pad / packed
     ideal = total / unique
+    with_head = pad / (head + (pad - head) * unique / total)  # the head's work is not shared
     for r in rows:
-        r.update(speedup_packed=speedup, ideal_speedup=ideal, ideal_over_speedup=ideal / speedup)
-    print(f"{shape} ({w['model']}, {rows[0]['dtype']}): padded {rows[0]['ms']:.0f} ms, packed {rows[1]['ms']:.0f} ms "
-          f"-> {speedup:.2f}x; unique-token ratio {unique}/{total} = {unique / total:.3f} (ideal {ideal:.2f}x, "
-          f"{ideal / speedup:.2f}x off it); max |dlogp| {err:.2e}")
+        r.update(speedup_packed=speedup, ideal_speedup=ideal, ideal_over_speedup=ideal / speedup,
+                 ideal_speedup_with_head=with_head, ideal_with_head_over_speedup=with_head / speedup)
+    print(f"{shape} ({w['model']}, {rows[0]['dtype']}): padded {pad:.0f} ms, packed {packed:.0f} ms -> {speedup:.2f}x; "
+          f"unique-token ratio {unique}/{total} = {unique / total:.3f} (ideal {ideal:.2f}x, {ideal / speedup:.2f}x off "
+          f"it); head alone {head:.0f} ms (ideal keeping it {with_head:.2f}x, {with_head / speedup:.2f}x off it); "
+          f"max |dlogp| {err:.2e}")
     del model
     return rows
 

@@ -326,3 +326,20 @@ def test_smollm2_credit_loss_matches_padded(monkeypatch, one_thread):
     assert_close_verbose(s, s_ref, atol=1e-4, rtol=1e-5, name="smollm2 student logp")
     loss, loss_ref = _token_loss("credit", s, teacher), _token_loss("credit", s_ref, teacher)
     _assert_grads_close(model, _grads(model, loss), _grads(model, loss_ref))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The benchmark's CI mode
+# ---------------------------------------------------------------------------------------------------------------------
+def test_bench_update_smoke(tmp_path):
+    import json
+
+    from bench import bench_update
+
+    out = tmp_path / "update.json"
+    bench_update.main(["--workloads", "smoke", "--repeats", "1", "--device", "cpu", "--out", str(out), "--no-plot"])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["provider"] for r in rows] == ["padded", "packed", "head_only"]
+    packed = rows[1]
+    assert packed["unique_tokens"] < packed["total_tokens"] and packed["tokens_run"] == packed["unique_tokens"]
+    assert packed["max_abs_diff_logp_vs_padded"] < 1e-5 and packed["ms"] > 0
