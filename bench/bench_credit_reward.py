@@ -44,7 +44,7 @@ from credit_kernels.credit_reward import HAS_TRITON, credit_reward  # noqa: E402
 PROVIDERS = ["oracle", "oracle_checked", "credit", "credit_checked", "credit_cpp", "credit_triton", "credit_cuda"]
 
 # (B, T, M). To move to bench/shapes.py (the registry) as CREDIT_REWARD_*.
-# GPU: 32 prompts x 8 rollouts = 256 responses of up to 8192 tokens with M = 1..8 partners (../shared/CREDIT.md,
+# GPU: 32 prompts x 8 rollouts = 256 responses of up to 8192 tokens with M = 1..8 partners (docs/method.md,
 # SDPO's published settings), a long-response case and a many-short-responses case.
 SHAPES_GPU = [(256, 8192, 1), (256, 8192, 4), (256, 2048, 8), (64, 32768, 2), (4096, 512, 4)]
 SHAPES_CPU = [(64, 2048, 1), (64, 2048, 4), (256, 1024, 4)]

@@ -1,6 +1,6 @@
 """Gathered log-softmax from hidden states: ours vs the peers, side by side in one process.
 
-    python bench/bench_logprob.py                       # GPU: ANCHORS.md shapes, bf16
+    python bench/bench_logprob.py                       # GPU: the bench/shapes.py shapes, bf16
     python bench/bench_logprob.py --shapes cpu          # CPU: small shapes
     python bench/bench_logprob.py --smoke --out /tmp/logprob.json   # CI: tiny shapes, seconds
 

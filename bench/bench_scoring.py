@@ -7,7 +7,7 @@
 Model: a Qwen2-shaped 1.5B with random weights (28 layers, d=1536, GQA 12/2, intermediate 8960, V=151936, tied
 embeddings), bf16 on the GPU; `--smoke` uses a tiny fp32 Qwen2 (d=64, 2 layers, V=1000) on the CPU.
 
-Workloads (../shared/ANCHORS.md section 2; ../shared/CREDIT.md "Why this is a kernel problem"):
+Workloads (docs/design.md, "Benchmarks" and "Teacher scoring"):
     anchors  P=8 prompts of Lp=2048 tokens, G=4 responses of Lr=1024 each; every response scored under its own
              prompt and M shuffled ones (the next M prompts, cyclically): M = 0, 1, 3.
     sdpo     P=8 prompts (Lp=1024) x G=8 rollouts with long-tailed lengths (lognormal, median 600, 64..4096).
@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.common import machine_info, peak_extra_mib, plot_results, results_path, write_json  # noqa: E402
-from credit.scorer import TeacherScorer  # noqa: E402
+from credit.scoring import TeacherScorer  # noqa: E402
 
 PROVIDERS = ["naive", "prefix_cache", "tree", "tree_flex"]
 QWEN2_1P5B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -67,7 +67,7 @@ def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
 
 
 def anchors_workload(m: int, *, vocab: int, p: int = 8, g: int = 4, lp: int = 2048, lr: int = 1024, seed: int = 0):
-    """ANCHORS.md section 2: P prompts, G responses each, scored under their prompt and the next M prompts."""
+    """P prompts, G responses each, scored under their prompt and the next M prompts."""
     rng = random.Random(seed)
     header = _tokens(rng, min(16, lp // 4), vocab)  # a shared chat-template prefix
     contexts = [header + _tokens(rng, lp - len(header), vocab) for _ in range(p)]

@@ -51,8 +51,8 @@ def main(argv=None):
     rows = []
     for step in range(args.steps + 1):
         t0 = time.perf_counter()
-        m = train_step(cfg, step, run.student, run.tokenizer, run.env, run.train_records, run.scorer, run.optimizer,
-                       sampler=run.sampler)
+        m, _, _ = train_step(cfg, step, run.student, run.tokenizer, run.env, run.train_records, run.credit_teacher,
+                             run.optimizer, sampler=run.sampler)
         if run.teacher is not None:
             ema_update(run.teacher, run.student, cfg.ema_rate)
         if device.type == "cuda":

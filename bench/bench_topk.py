@@ -1,6 +1,6 @@
 """Fused top-k and gather (+ tail) log-probs vs the materialised torch path, side by side in one process.
 
-    python bench/bench_topk.py                       # GPU: ANCHORS.md shapes, bf16
+    python bench/bench_topk.py                       # GPU: the bench/shapes.py shapes, bf16
     python bench/bench_topk.py --shapes cpu          # CPU: small shapes
     python bench/bench_topk.py --smoke --out /tmp/topk.json   # CI: tiny shapes, seconds
 

@@ -13,7 +13,7 @@ Providers:
 
 Workloads (teacher scoring shapes, Qwen2-1.5B attention: Hq=12, Hkv=2, D=128, bf16):
     anchors   P=8 prompts of 2048 tokens; under each, 16 (feedback 128 + response 1024) leaves
-              (G=4 rollouts x (M+1)=4 contexts per prompt), ../shared/ANCHORS.md section 2.
+              (G=4 rollouts x (M+1)=4 contexts per prompt), docs/design.md, "Benchmarks".
     sdpo      8 prompts (1024) x 2 feedback contexts (own group and one partner, M=1), each a shared
               sibling solution (600) over 7 failing responses with long-tailed lengths (64..4096).
 

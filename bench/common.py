@@ -190,7 +190,7 @@ def logit_run(args) -> tuple[torch.device, str, list[tuple[int, int, int]], torc
 
 
 def logit_case_modes(modes: list[str], case, device: torch.device, shape_set: str) -> list[str]:
-    """The modes to run for one case: on the GPU set, fwd+bwd only at ANCHORS.md's backward shapes."""
+    """The modes to run for one case: on the GPU set, fwd+bwd only at bench/shapes.py's backward shapes."""
     from bench import shapes
 
     return [m for m in modes if m == "fwd" or device.type != "cuda" or shape_set != "gpu"

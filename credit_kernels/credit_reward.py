@@ -1,7 +1,7 @@
 r"""CREDIT token rewards and per-response pMI diagnostics in one fused pass.
 
 For response i, token t (mask m_it), with a = aligned [B, T], b^m = shuffled [M, B, T], s = student [B, T]
-(../shared/CREDIT.md; arXiv 2605.11613, which builds on SDPO, arXiv 2601.20802):
+(docs/method.md; arXiv 2605.11613, which builds on SDPO, arXiv 2601.20802):
 
     beta     = mean_m b^m ("mean") or log(1/M sum_m exp b^m) ("logmeanexp")
     rewards  = (a - s) - lam * (beta - s)                       [B, T] fp32, +0.0 where the mask is 0

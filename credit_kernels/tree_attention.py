@@ -1,4 +1,4 @@
-"""Tree attention: packed attention over a prefix trie (issue 5, part 2; DESIGN.md "The ops" 3).
+"""Tree attention: packed attention over a prefix trie (docs/design.md, "The ops" 3).
 
 The trie lays its unique tokens out in DFS preorder (`credit_kernels/prefix_trie.py`), so packed
 query row i may attend to packed key row j iff
@@ -112,7 +112,7 @@ if HAS_TRITON:
         # int64 row offsets: U * H * D passes 2^31 for long packed batches
         q_rows = offs_m.to(tl.int64) * stride_q_u + pid_h * stride_q_h
         q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        if UPCAST_DOT:  # the interpreter's bf16/fp16 tl.dot is wrong (ENVIRONMENT.md 1.1)
+        if UPCAST_DOT:  # the Triton interpreter's bf16/fp16 tl.dot is wrong: upcast
             q = q.to(tl.float32)
 
         # A finite start keeps exp2(m_i - m_new) defined when a block masks a whole row.

@@ -90,7 +90,7 @@ if HAS_TRITON:
         v = tl.load(v_ptr + (cols * stride_v_u + kv_h * stride_v_h)[:, None] + offs_d[None, :],
                     mask=col_ok[:, None], other=0.0)
         ve = tl.load(ve_ptr + offs_n, mask=col_ok, other=0)  # 0: padded keys are visible to no row
-        if UPCAST_DOT:  # the interpreter's bf16/fp16 tl.dot is wrong (ENVIRONMENT.md 1.1)
+        if UPCAST_DOT:  # the Triton interpreter's bf16/fp16 tl.dot is wrong: upcast
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)

@@ -16,7 +16,8 @@ import pytest
 import torch
 import transformers
 
-from credit.scorer import ATTN_IMPLEMENTATION, TeacherScorer, TeacherScores, TeacherTopk, _sub_trie
+from credit.scoring import ATTN_IMPLEMENTATION, TeacherScorer, TeacherScores, TeacherTopk
+from credit.scoring.chunks import sub_trie
 from credit.templates import TeacherPairs
 from credit_kernels.prefix_trie import build_prefix_trie, gather_sequence_rows
 from tests.utils import TRITON_DEVICE, assert_close_verbose
@@ -221,7 +222,7 @@ def test_sub_trie_is_the_whole_trie_restricted_to_the_chunk(seed):
     trie = build_prefix_trie(seqs)
     items = np.asarray(sorted(rng.sample(range(12), 5)), dtype=np.int64)
     pred = np.concatenate([gather_sequence_rows(trie, int(q)).numpy() for q in items])  # every row of the chunk
-    packed, local = _sub_trie(trie, items, pred)
+    packed, local = sub_trie(trie, items, pred)
     assert packed.tokens.numel() == build_prefix_trie([seqs[q] for q in items]).num_unique
     rows = torch.from_numpy(np.unique(pred))
     assert torch.equal(_mask(packed.visible_end), _mask(trie.visible_end)[rows][:, rows])
@@ -243,10 +244,8 @@ def test_chunking_keeps_subtrees_together(models):
     assert scorer.last_unique_tokens == 2 * (20 + 4 * 5)
 
 
-@pytest.mark.parametrize("backend, gather", [("tree", "auto"), ("tree", "fallback"), ("naive", "auto")])
-def test_score_topk_matches_reference(models, backend, gather, monkeypatch):
-    if gather == "fallback":  # the chunked torch projection, whether or not credit_kernels has linear_gather
-        monkeypatch.setattr("credit.scorer._fused_gather", lambda: None)
+@pytest.mark.parametrize("backend", ["tree", "naive"])
+def test_score_topk_matches_reference(models, backend):
     model = _model(models, "qwen3")
     contexts, responses, pairs = _workload(seed=4)
     gen = torch.Generator().manual_seed(0)
@@ -303,7 +302,7 @@ def test_restores_attention_and_training_mode_even_on_error(models, monkeypatch)
         def boom(*args, **kwargs):
             raise RuntimeError("injected")
 
-        monkeypatch.setattr("credit.scorer.tree_attention", boom)
+        monkeypatch.setattr("credit.scoring.attention.tree_attention", boom)
         with pytest.raises(RuntimeError, match="injected"):
             scorer.score(contexts, responses, pairs)
         assert model.training and model.config._attn_implementation == "eager"

@@ -151,3 +151,43 @@ def test_cli_config_file_and_viz(tiny_model_dir, tmp_path):
     bad.write_text("max_stepz: 3\n")
     with pytest.raises(ValueError, match="unknown TrainConfig keys"):
         main(["train", "--config", str(bad)])
+
+
+def test_samples_show_the_reward_trained_on_with_logmeanexp(tiny_model_dir, tmp_path):
+    """save_samples writes the rewards the update used: with --baseline logmeanexp, beta = log mean_m exp b^m."""
+    import math
+
+    from credit.trainer import save_samples, setup, train_step
+
+    cfg = _cfg(tiny_model_dir, tmp_path, method="credit", baseline="logmeanexp", num_partners=2, lam=0.3, max_steps=1)
+    run = setup(cfg)
+    metrics, batch, rewards = train_step(cfg, 0, run.student, run.tokenizer, run.env, run.train_records,
+                                         run.credit_teacher, run.optimizer, sampler=run.sampler)
+    assert rewards is not None and "credit/contrastive_pmi" in metrics
+    save_samples(cfg, 1, run.tokenizer, batch, rewards)
+    samples = json.load(open(tmp_path / "samples" / "step_000001.json"))
+    assert samples["baseline"] == "logmeanexp"
+    # the teacher weights did not move during the step (no EMA yet): rescoring gives the same a and b
+    scores = run.credit_teacher.score(batch.rollout, step=0, width=batch.response_mask.shape[1])
+    a, b = scores.aligned.double(), scores.shuffled.double()
+    s = a - rewards.sdpo.double()  # the s the update saw
+    beta = torch.logsumexp(b, 0) - math.log(b.shape[0])
+    expect = (a - s - 0.3 * (beta - s)) * scores.mask.double()
+    checked = 0
+    for i, row in enumerate(samples["responses"]):
+        if not bool(scores.teacher_mask[i]):
+            assert "credit" not in row
+            continue
+        n = len(row["tokens"])
+        assert row["credit"] == rewards.rewards[i, :n].tolist()
+        assert torch.allclose(torch.tensor(row["credit"], dtype=torch.float64), expect[i, :n], atol=1e-5)
+        assert torch.allclose(torch.tensor(row["credit_contrast"], dtype=torch.float64), (a - beta)[i, :n], atol=1e-5)
+        checked += 1
+    assert checked > 0
+
+
+def test_resumable_fields_are_marked_in_the_config():
+    from credit.config import resumable_fields
+
+    assert resumable_fields() == {"max_steps", "resume", "progress", "logger", "eval_every", "save_every",
+                                  "sample_every", "device", "vllm_gpu_memory"}

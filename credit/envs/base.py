@@ -7,7 +7,7 @@ the policy sees, and scores a sampled response:
     text = env.make_prompt(record)              # user message; the trainer applies the chat template
     outcome = env.score(record, response_text)  # Outcome(reward, success, feedback)
 
-``feedback`` is the environment's text for the teacher context of CREDIT / SDPO (CREDIT.md, "Feedback f_i":
+``feedback`` is the environment's text for the teacher context of CREDIT / SDPO (docs/method.md, "Feedback and teacher contexts":
 failing tests, tool-call mismatch); it is None when there is nothing to say (a success). ``check_record``
 validates and normalises one record; `credit.envs.data.load_jsonl` calls it for every line of a file.
 """

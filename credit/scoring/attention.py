@@ -1,0 +1,92 @@
+"""The attention hook of the tree backend: transformers calls `_credit_tree_attention` in every layer while a
+TeacherScorer forward is active (registered through its AttentionInterface as "credit_tree"), and it runs
+`credit_kernels.tree_attention` on the packed trie tokens instead of the model's own attention."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+from credit_kernels.tree_attention import TreeAttentionPlan, tree_attention
+
+ATTN_IMPLEMENTATION = "credit_tree"
+
+
+@dataclass
+class TreeState:
+    plan: TreeAttentionPlan  # on the model's device (with the flex BlockMask for attn_backend "flex")
+    attn_backend: str
+    max_len: int  # longest sequence in the chunk (sliding-window guard)
+    calls: int = 0
+    masks_seen: int = 0
+
+
+# A context variable, not a forward kwarg: transformers versions differ in which kwargs reach the attention
+# function, and the state must never leak into a forward that is not ours.
+_STATE: contextvars.ContextVar[TreeState | None] = contextvars.ContextVar("credit_tree_state", default=None)
+
+
+def _credit_tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: query [1, Hq, U, D], key/value [1, Hkv, U, D] -> ([1, U, Hq, D], None)."""
+    state = _STATE.get()
+    if state is None:
+        raise RuntimeError(
+            f"credit: attention implementation {ATTN_IMPLEMENTATION!r} only runs inside TeacherScorer; this model's "
+            "config still names it (restore it with model.set_attn_implementation('sdpa'))"
+        )
+    if query.shape[0] != 1:
+        raise RuntimeError(f"credit_tree attention expects one packed row (batch 1); got batch {query.shape[0]}")
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise RuntimeError(f"credit_tree attention does not support {name!r}; use TeacherScorer(backend='naive')")
+    window = kwargs.get("sliding_window")
+    if window is not None and state.max_len > window:  # checked up front too; this guards other model code
+        raise RuntimeError(f"credit_tree attention: sequences of {state.max_len} tokens exceed the sliding window "
+                           f"{window}; use TeacherScorer(backend='naive')")
+    if attention_mask is not None:  # transformers built a mask we ignore: the tree defines visibility
+        state.masks_seen += 1
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [U, H, D] views
+    # the plan carries the flex BlockMask when attn_backend is "flex": built once per chunk, not once per layer
+    out = tree_attention(q, k, v, state.plan, scale=scaling, backend=state.attn_backend, check_inputs=False).out
+    state.calls += 1
+    return out.unsqueeze(0), None
+
+
+_registered = False
+
+
+def _register_attention() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_IMPLEMENTATION, _credit_tree_attention)
+        _registered = True
+
+
+def _set_attn(model, name: str) -> None:
+    try:
+        model.set_attn_implementation(name)
+    except (AttributeError, TypeError):  # older transformers: the config field is the switch
+        model.config._attn_implementation = name
+
+
+@contextlib.contextmanager
+def tree_attention_active(model, state: TreeState):
+    """Route the model's attention to tree_attention for the block; always restore the original implementation."""
+    _register_attention()
+    original = model.config._attn_implementation
+    token = _STATE.set(state)
+    try:
+        _set_attn(model, ATTN_IMPLEMENTATION)
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise ValueError(f"TeacherScorer: {type(model).__name__} refused attention implementation "
+                             f"{ATTN_IMPLEMENTATION!r}; use backend='naive'")
+        yield state
+    finally:
+        _STATE.reset(token)
+        if model.config._attn_implementation != original:
+            _set_attn(model, original)
+
+
