@@ -37,15 +37,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from credit.scorer import (
-    _device_of,
-    _ids_array,
-    _pred_index,
-    _sliding_window,
-    _tree_attention_active,
-    _tree_unsupported,
-    _TreeState,
-)
+from credit.scoring.attention import TreeState, tree_attention_active
+from credit.scoring.chunks import pred_index
+from credit.scoring.inspection import device_of, sliding_window, tree_unsupported
+from credit.scoring.validation import _ids_array
 from credit_kernels.linear_logprob import linear_logprob
 from credit_kernels.prefix_trie import build_prefix_trie
 from credit_kernels.tree_attention import tree_attention_plan
@@ -53,7 +48,7 @@ from credit_kernels.tree_attention import tree_attention_plan
 __all__ = ["PackedRows", "iter_packed_logprobs", "packed_response_rows", "packed_student_logprobs",
            "packed_unsupported", "plan_packs"]
 
-_ATTN_BACKENDS = ("auto", "triton", "torch")  # flex has no CPU backward; the hook's flex branch is forward-only
+_ATTN_BACKENDS = ("auto", "triton", "torch")  # flex: no backward on CPU, and the plan here carries no BlockMask
 
 
 class PackedRows(NamedTuple):
@@ -82,7 +77,7 @@ def packed_unsupported(model, max_len: int | None = None) -> str | None:
         model: a transformers causal LM.
         max_len: the longest sequence (prompt + response) the call will run, for the sliding-window check.
     """
-    reason = _tree_unsupported(model)
+    reason = tree_unsupported(model)
     if reason is not None:
         return reason
     flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
@@ -93,7 +88,7 @@ def packed_unsupported(model, max_len: int | None = None) -> str | None:
     dropout = float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
     if model.training and dropout > 0:
         return f"config.attention_dropout = {dropout} in training mode; tree attention applies no dropout"
-    window = _sliding_window(model.config)
+    window = sliding_window(model.config)
     if window is not None and max_len is not None and max_len > window:
         return f"sequences of {max_len} tokens exceed the model's sliding window ({window}), which is not applied"
     return None
@@ -243,7 +238,7 @@ def packed_response_rows(model, prompts, responses, *, attn_backend: str = "auto
     if reason is not None:
         raise ValueError(f"{fn}: cannot run {type(model).__name__} packed: {reason}; use the padded path "
                          "(share_prompts=False)")
-    device = _device_of(model)
+    device = device_of(model)
     weight = model.get_output_embeddings().weight
     if not seqs:
         hidden = torch.zeros((0, weight.shape[1]), dtype=weight.dtype, device=device)
@@ -251,7 +246,7 @@ def packed_response_rows(model, prompts, responses, *, attn_backend: str = "auto
     trie = build_prefix_trie(seqs)
     n_ctx = np.asarray([p[i].size for i in items], dtype=np.int64)
     n_resp = np.asarray([r[i].size for i in items], dtype=np.int64)
-    rows = trie.seq_rows.numpy()[_pred_index(n_ctx, n_resp, trie.seq_ptr.numpy()[:-1])]
+    rows = trie.seq_rows.numpy()[pred_index(n_ctx, n_resp, trie.seq_ptr.numpy()[:-1])]
     hidden = _tree_forward(model, trie, device, attn_backend, check_inputs, max_len)
     targets = torch.from_numpy(np.concatenate([r[i] for i in items])).to(device)
     return PackedRows(hidden[torch.from_numpy(rows).to(device)], targets, lengths, trie.num_unique,
@@ -261,11 +256,11 @@ def packed_response_rows(model, prompts, responses, *, attn_backend: str = "auto
 def _tree_forward(model, trie, device, attn_backend: str, check_inputs: bool, max_len: int) -> torch.Tensor:
     """[U, d] final hidden states of the trie's packed tokens through the model's body, attention on the trie."""
     plan = tree_attention_plan(trie, device=device, check_inputs=check_inputs)
-    state = _TreeState(plan, attn_backend, max_len)
+    state = TreeState(plan, attn_backend, max_len)
     base = getattr(model, model.base_model_prefix)
     input_ids = trie.tokens.to(device, non_blocking=True)[None]
     position_ids = trie.positions.to(device, non_blocking=True)[None]
-    with _tree_attention_active(model, state):
+    with tree_attention_active(model, state):
         out = base(input_ids=input_ids, position_ids=position_ids, use_cache=False)
     layers = getattr(model.config, "num_hidden_layers", None)
     if state.calls == 0 or (layers is not None and state.calls != layers):
