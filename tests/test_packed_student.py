@@ -27,7 +27,7 @@ from credit.packed_student import (
 )
 from credit.rewards import credit_rewards, sdpo_rewards
 from credit_kernels import linear_gather, linear_topk
-from tests.utils import assert_close_verbose
+from tests.utils import HAS_TEST_TOKENIZER, assert_close_verbose
 
 VOCAB = 300
 TOPK = 5
@@ -343,3 +343,39 @@ def test_bench_update_smoke(tmp_path):
     packed = rows[1]
     assert packed["unique_tokens"] < packed["total_tokens"] and packed["tokens_run"] == packed["unique_tokens"]
     assert packed["max_abs_diff_logp_vs_padded"] < 1e-5 and packed["ms"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainer: --share-prompts (default) vs --no-share-prompts
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not HAS_TEST_TOKENIZER, reason="the tiny test model borrows SmolLM2's tokenizer")
+@pytest.mark.parametrize("method, level", [("credit", "token"), ("sdpo", "topk")])
+def test_training_with_and_without_sharing_gives_the_same_metrics(tiny_model_dir, tmp_path, monkeypatch, method,
+                                                                  level):
+    import os
+
+    import credit.methods
+    from credit.config import TrainConfig
+    from credit.logger import read_metrics
+    from credit.trainer import train
+
+    calls = []
+    real = credit.methods.packed_response_rows
+    monkeypatch.setattr(credit.methods, "packed_response_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = {}
+    for share in (True, False):
+        calls.clear()
+        cfg = TrainConfig(model=tiny_model_dir, output=str(tmp_path / str(share)), max_steps=3, prompts_per_step=3,
+                          rollouts_per_prompt=2, max_new_tokens=6, micro_batch=4, eval_max=4, eval_every=0,
+                          save_every=0, sample_every=0, progress=False, lr=1e-3, method=method, level=level, topk=5,
+                          share_prompts=share)
+        assert TrainConfig().share_prompts  # on by default
+        train(cfg)
+        assert bool(calls) == share  # the packed path ran exactly when asked
+        runs[share] = read_metrics(os.path.join(cfg.output, "metrics.jsonl"))
+    assert [r["step"] for r in runs[True]] == [0, 1, 2, 3]
+    for on, off in zip(runs[True], runs[False]):
+        keys = {k for k in on if not k.startswith("time/")}
+        assert keys == {k for k in off if not k.startswith("time/")}
+        for k in keys:
+            assert on[k] == pytest.approx(off[k], rel=1e-4, abs=1e-5), (on["step"], k)
