@@ -1,0 +1,1 @@
+"""Drop-in CREDIT for other trainers (TRL, verl)."""
