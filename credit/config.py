@@ -74,6 +74,9 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float = _f(1.0, "max gradient norm (0 = off)")
     micro_batch: int = _f(8, "responses per forward/backward (gradient accumulation over the step's rollouts)")
+    share_prompts: bool = _f(True, "student update: one packed trie forward/backward per pack of whole groups, each "
+                                   "prompt computed once (same gradients); padded where the model family is "
+                                   "unsupported. Packs hold <= micro_batch x the longest sequence tokens")
     is_clip: float = _f(2.0, "importance-ratio clamp max (the update is on-policy, so w = 1 unless reused)")
     max_steps: int = _f(20, "optimizer steps", resumable=True)
     # io

@@ -22,11 +22,13 @@ import torch
 
 from credit.losses import mix_advantages, policy_gradient_loss, topk_divergence
 from credit.models import hidden_states, lm_head_weight
+from credit.packed_student import packed_response_rows, packed_unsupported, plan_packs
 from credit.pipeline import CreditTeacher, RolloutBatch, TokenRewards
 from credit.rollouts import left_pad
 from credit_kernels import linear_gather, linear_logprob, linear_topk
 
-__all__ = ["GRPO", "Batch", "TokenDistill", "TopkDistill", "make_method", "student_forward", "student_logprobs"]
+__all__ = ["GRPO", "Batch", "TokenDistill", "TopkDistill", "make_method", "micro_batches", "student_forward",
+           "student_logprobs"]
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Batch:
     rollout: RolloutBatch          # prompts (chat messages), response ids, group ids, success, feedback, outcome, texts
     prompt_ids: list[list[int]]    # [B] the student's prompt ids (chat template applied), repeated per group
     response_mask: torch.Tensor    # [B, T] float, 1 at response tokens
+    share_prompts: bool = False    # the student's forward packs the prompt trie (credit.packed_student) if supported
 
     @property
     def responses(self) -> list[list[int]]:
@@ -54,9 +57,18 @@ def student_forward(model, batch: Batch, idx: list[int]) -> tuple[torch.Tensor, 
     """Hidden states [n, d] at the positions that predict the response tokens of responses `idx`, in (response,
     token) order, and the targets [n] (with grad when enabled).
 
-    Left padding puts every response at the end of its row, so a row-major boolean gather yields response r's
-    tokens in order, responses in the order of idx.
+    batch.share_prompts (--share-prompts, the default): ONE packed forward over the trie of the responses'
+    prompts + responses, each shared prompt computed once (`credit.packed_student.packed_response_rows`; same values
+    and gradients as the padded path, to float rounding), where the model family allows it
+    (`packed_unsupported`); else, and with --no-share-prompts, the padded path: left padding puts every response
+    at the end of its row, so a row-major boolean gather yields response r's tokens in order, responses in the
+    order of idx.
     """
+    prompts, responses = [batch.prompt_ids[i] for i in idx], [batch.responses[i] for i in idx]
+    if batch.share_prompts and packed_unsupported(model, max(len(p) + len(r) for p, r in zip(prompts, responses))) \
+            is None:
+        rows = packed_response_rows(model, prompts, responses, check_inputs=False)
+        return rows.hidden, rows.targets
     device = batch.response_mask.device
     ids, attn = left_pad([batch.prompt_ids[i] + batch.responses[i] for i in idx], 0, device)
     targets = torch.full_like(ids, -100)
@@ -67,6 +79,18 @@ def student_forward(model, batch: Batch, idx: list[int]) -> tuple[torch.Tensor, 
     hidden = hidden_states(model, ids, attn)
     keep = targets != -100
     return hidden[keep], targets[keep]
+
+
+def micro_batches(batch: Batch, micro_batch: int) -> list[list[int]]:
+    """The update's micro-batches: runs of `micro_batch` responses (padded), or with batch.share_prompts packs of
+    whole groups whose trie holds at most micro_batch x the longest sequence tokens (the padded micro-batch's
+    activation bound; `credit.packed_student.plan_packs`). Groups are contiguous, so both are contiguous runs."""
+    num = len(batch)
+    if not batch.share_prompts:
+        return [list(range(a, min(num, a + micro_batch))) for a in range(0, num, micro_batch)]
+    longest = max(len(p) + len(r) for p, r in zip(batch.prompt_ids, batch.responses))
+    return plan_packs(batch.prompt_ids, batch.responses, max_tokens=micro_batch * longest,
+                      group_ids=batch.rollout.group_ids)
 
 
 def student_logprobs(model, batch: Batch, idx: list[int]) -> torch.Tensor:
@@ -158,11 +182,10 @@ class TopkDistill:
     def __init__(self, cfg, teacher: CreditTeacher, student, batch: Batch, step: int):
         self.cfg, self.teacher, self.student, self.batch = cfg, teacher, student, batch
         self.weight = lm_head_weight(student)
-        num = len(batch)
         ids = []
         with torch.no_grad():  # 1. the student's top-k ids, (response, token) order
-            for start in range(0, num, cfg.micro_batch):
-                rows, _ = student_forward(student, batch, list(range(start, min(num, start + cfg.micro_batch))))
+            for idx in micro_batches(batch, cfg.micro_batch):
+                rows, _ = student_forward(student, batch, idx)
                 ids.append(linear_topk(rows, self.weight.to(rows.dtype), cfg.topk).ids)
         self.ids = torch.cat(ids)
         # 2. the teacher's log-probs (+ tail) at those ids, aligned and shuffled pairs in one trie

@@ -29,8 +29,9 @@ from credit.envs import get_task, load_jsonl
 from credit.evaluation import cached_evaluation, evaluate, evaluate_heldout, prompt_ids  # noqa: F401 (re-exported)
 from credit.logger import RunLogger, plot_curves
 from credit.losses import grpo_advantages
-from credit.methods import Batch, make_method
+from credit.methods import Batch, make_method, micro_batches
 from credit.models import load_model, resolve_device, resolve_dtype
+from credit.packed_student import packed_unsupported
 from credit.pipeline import CreditTeacher, RolloutBatch, TokenRewards
 from credit.rollouts import HFSampler, make_sampler
 
@@ -92,12 +93,10 @@ def update(model, optimizer, cfg: TrainConfig, batch: Batch, method) -> dict:
     method.micro_loss(idx) -> (token-mean loss of those responses, its number of tokens); method.total_tokens =
     the batch's.
     """
-    num = len(batch)
     optimizer.zero_grad(set_to_none=True)
     model.train()
     loss_sum = 0.0
-    for start in range(0, num, cfg.micro_batch):
-        idx = list(range(start, min(num, start + cfg.micro_batch)))
+    for idx in micro_batches(batch, cfg.micro_batch):  # packs of whole groups with --share-prompts
         loss, n_tokens = method.micro_loss(idx)
         if n_tokens == 0:
             continue
@@ -146,7 +145,8 @@ def rollout(cfg: TrainConfig, step: int, student, tokenizer, env, train: list[di
         success=torch.tensor([o.success for o in outcomes]), feedback=[o.feedback for o in outcomes],
         outcome=torch.tensor([o.reward for o in outcomes], dtype=torch.float32), texts=texts,
     )
-    batch = Batch(teacher_view, prompt_ids=[prompts[i // g] for i in range(len(responses))], response_mask=mask)
+    batch = Batch(teacher_view, prompt_ids=[prompts[i // g] for i in range(len(responses))], response_mask=mask,
+                  share_prompts=cfg.share_prompts)
     return batch, records, times
 
 
@@ -244,6 +244,9 @@ def setup(cfg: TrainConfig) -> Run:
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = make_sampler(cfg, student, tokenizer)  # after the student, so a vLLM engine sizes itself around it
     print(f"credit: rollouts with {sampler.name} (--rollout {cfg.rollout})")
+    why = packed_unsupported(student) if cfg.share_prompts else None
+    if why is not None:
+        print(f"credit: --share-prompts: the student update runs padded ({why})")
     return Run(env, train_records, heldout, student, tokenizer, teacher, credit_teacher, optimizer, sampler)
 
 
