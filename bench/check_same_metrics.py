@@ -34,21 +34,9 @@ def make_tiny_model(path: str) -> str:
     """A 2-layer random Llama with SmolLM2's tokenizer (the one tests/conftest.py builds), saved at `path`."""
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from credit.models import save_random_llama
 
-    from credit.models import embedded_gguf
-
-    directory, name = embedded_gguf()
-    tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_random_llama(path)
 
 
 def run_one(out_dir: str, model: str, flags: list[str], timeout: float) -> list[dict]:

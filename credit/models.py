@@ -65,6 +65,27 @@ def _embedded_dir() -> str:
     return target
 
 
+def save_random_llama(path: str, *, tokenizer_dir: str | None = None, seed: int = 0) -> str:
+    """Save a 2-layer random Llama (hidden 32) with SmolLM2's tokenizer and chat template at `path`, like any
+    local model directory: offline smoke runs and tests (`credit train --model path`). Same seed, same weights.
+    The tokenizer comes from `tokenizer_dir` or, by default, the embedded model's GGUF file."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if tokenizer_dir:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        directory, name = embedded_gguf()
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

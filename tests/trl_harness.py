@@ -28,27 +28,6 @@ def reward_parity(completions, **kwargs):
     return [float(sum(map(ord, t)) % 2) for t in texts]
 
 
-def save_tiny_model(path: str, tokenizer_dir: str | None = None) -> str:
-    """A 2-layer random Llama with SmolLM2's tokenizer, saved like any local model (same seed: same weights)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from credit.models import embedded_gguf
-
-    if tokenizer_dir:
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    else:
-        directory, name = embedded_gguf()
-        tok = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def make_config(credit: bool, out_dir: str, **kw):
     """SDPOConfig / CreditSDPOConfig for CPU runs: 4 prompts x 2 generations per step unless overridden."""
     from trl.experimental.sdpo import SDPOConfig
