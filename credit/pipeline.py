@@ -198,7 +198,9 @@ class CreditTeacher:
 
     Args:
         model: the teacher weights, a transformers causal LM; whatever the caller keeps (an EMA copy, frozen
-            initial weights, or the live student). Never modified; scored without gradients.
+            initial weights, or the live student). Never modified; scored without gradients. None builds a teacher
+            for `pairs` only (e.g. on a driver whose weights live in worker processes): `score` / `score_topk`
+            then raise.
         tokenizer: its tokenizer (chat template applied to the teacher contexts when it has one).
         method: "credit" (aligned + M shuffled contexts, r = a - s - lam (beta - s)) or "sdpo" (aligned only,
             r = a - s).
@@ -218,7 +220,8 @@ class CreditTeacher:
             check_inputs).
 
     Attributes:
-        scorer: the TeacherScorer (its last_unique_tokens / last_total_tokens describe the last call).
+        scorer: the TeacherScorer (its last_unique_tokens / last_total_tokens describe the last call); None when
+            model is None.
     """
 
     def __init__(self, model, tokenizer, *, method: str = "credit", lam: float = 0.5, num_partners: int = 1,
@@ -245,7 +248,12 @@ class CreditTeacher:
         self.baseline, self.swap, self.template = baseline, swap, template
         self.temperature, self.seed = float(temperature), int(seed)
         self.chat_template_kwargs = chat_template_kwargs
-        self.scorer = TeacherScorer(model, temperature=temperature, **scorer_options)
+        if model is None:
+            if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+                raise ValueError(f"{fn}: temperature must be a number > 0; got {temperature!r}")
+            self.scorer = None
+        else:
+            self.scorer = TeacherScorer(model, temperature=temperature, **scorer_options)
 
     # -- feedback, partners, contexts ----------------------------------------------------------------------------
     def pairs(self, batch: RolloutBatch, *, step: int, shard=None) -> TeacherPairs:
@@ -279,8 +287,8 @@ class CreditTeacher:
                             [pairs.responses_ids[i] for i in rows], [pairs.mask[i] for i in rows])
 
     # -- token level ---------------------------------------------------------------------------------------------
-    def score(self, batch: RolloutBatch, *, step: int, shard=None, width: int | None = None,
-              device=None) -> TeacherLogprobs:
+    def score(self, batch: RolloutBatch | None = None, *, step: int | None = None, shard=None,
+              width: int | None = None, device=None, pairs: TeacherPairs | None = None) -> TeacherLogprobs:
         """Aligned and shuffled teacher log-probs of the shard's responses, all pairs in ONE scorer call.
 
         Args:
@@ -289,12 +297,15 @@ class CreditTeacher:
             shard: indices (list, range, slice or 1-D tensor) of the responses this process scores; None = all.
             width: T, the padded response length (default max(1, longest scored response)).
             device: where the results go (default the teacher model's device).
+            pairs: caller-built `credit.TeacherPairs` to score instead of ``self.pairs(batch, step=, shard=)``
+                (a trainer with its own context rules); then batch and shard must be None (step is unused), and
+                the rows are pairs.responses_ids' B responses.
 
         Returns:
             TeacherLogprobs(aligned [B, T], shuffled [M, B, T], response_mask [B, T], teacher_mask [B]), B = the
             shard's size; 0 where a response has no teacher signal.
         """
-        pairs = self.pairs(batch, step=step, shard=shard)
+        pairs = self._given_or_built("CreditTeacher.score", batch, step, shard, pairs)
         lengths = [len(r) for r in pairs.responses_ids]
         width = _width(width, lengths)
         device = _model_device(self.model) if device is None else torch.device(device)
@@ -348,22 +359,26 @@ class CreditTeacher:
                             scores.teacher_mask, sdpo=sdpo, contrast=contrast)
 
     # -- logit level ---------------------------------------------------------------------------------------------
-    def score_topk(self, batch: RolloutBatch, ids, *, step: int, shard=None, device=None, student_logp=None,
-                   student_tail=None) -> TopkTeacher:
+    def score_topk(self, batch: RolloutBatch | None = None, ids=None, *, step: int | None = None, shard=None,
+                   device=None, student_logp=None, student_tail=None, pairs: TeacherPairs | None = None,
+                   add_tail: bool = True) -> TopkTeacher:
         """Teacher log-probs and tail at the student's top-k ids, aligned and shuffled, in one scorer call.
 
         Args:
-            batch, step, shard, device: as in `score`.
+            batch, step, shard, device, pairs: as in `score` (with pairs=, ids follow pairs.responses_ids).
             ids: the student's ids per response position: a [N, k] integer tensor in (response, token) order over
                 the shard's responses (N = their total length), or one [L_i, k] tensor per response.
             student_logp, student_tail: optional [N, k] / [N] student log-probs at the ids and its tail; given,
                 the result's ``target`` holds the distillation target over all rows (see `topk_target`).
+            add_tail: passed to `topk_target` for ``target``.
 
         Returns:
             TopkTeacher (flat rows, 0 where a response has no teacher signal).
         """
         fn = "CreditTeacher.score_topk"
-        pairs = self.pairs(batch, step=step, shard=shard)
+        pairs = self._given_or_built(fn, batch, step, shard, pairs)
+        if ids is None:
+            raise ValueError(f"{fn}: ids (the student's top-k ids per response position) is required")
         lengths = [len(r) for r in pairs.responses_ids]
         total = sum(lengths)
         if isinstance(ids, torch.Tensor):
@@ -403,17 +418,25 @@ class CreditTeacher:
             sh_logp, sh_tail = tables[0][0].new_zeros((0, total, k)), tables[0][1].new_zeros((0, total))
         out = TopkTeacher(tables[0][0], tables[0][1], sh_logp, sh_tail, row_mask, offsets, teacher_mask)
         if student_logp is not None:
-            out.target = self.topk_target(out, student_logp, student_tail)
+            out.target = self.topk_target(out, student_logp, student_tail, add_tail=add_tail)
         return out
 
     def topk_target(self, topk: TopkTeacher, student_logp: torch.Tensor,
-                    student_tail: torch.Tensor | None = None) -> ContrastiveTeacher:
+                    student_tail: torch.Tensor | None = None, *, add_tail: bool = True) -> ContrastiveTeacher:
         """The logit-level distillation target on `topk`'s rows (e.g. ``topk.rows(sel)``).
 
         credit: the contrastive teacher log T~ = log T + lam * (s - beta), renormalised over the top-k + tail
         buckets (``credit.contrastive_teacher_topk``); sdpo: the aligned teacher's log-probs and tail.
-        student_logp [n, k] and student_tail [n] are detached here.
+        student_logp [n, k] and student_tail [n] are detached here. add_tail=False: the buckets are the top-k
+        renormalised (no tail; ``tail_logp`` is None and student_tail must be None).
         """
+        if not add_tail:
+            if student_tail is not None:
+                raise ValueError("CreditTeacher.topk_target: student_tail was given but add_tail=False")
+            if self.method == "sdpo":
+                return ContrastiveTeacher(topk.logp - torch.logsumexp(topk.logp, dim=-1, keepdim=True), None)
+            return contrastive_teacher_topk(topk.logp, topk.shuffled_logp, student_logp.detach(), lam=self.lam,
+                                            baseline=self.baseline, add_tail=False)
         if self.method == "sdpo":
             return ContrastiveTeacher(topk.logp, topk.tail)
         return contrastive_teacher_topk(
@@ -421,6 +444,19 @@ class CreditTeacher:
             teacher_tail=topk.tail, shuffled_tail=topk.shuffled_tail,
             student_tail=None if student_tail is None else student_tail.detach(),
         )
+
+    def _given_or_built(self, fn: str, batch, step, shard, pairs) -> TeacherPairs:
+        """The caller's pairs (checked), or ``self.pairs(batch, step=step, shard=shard)``; needs the model."""
+        if self.model is None:
+            raise ValueError(f"{fn}: this CreditTeacher was built with model=None (for pairs() only); pass the "
+                             f"teacher model to CreditTeacher(model, ...) to score")
+        if pairs is None:
+            return self.pairs(batch, step=step, shard=shard)
+        if not isinstance(pairs, TeacherPairs):
+            raise TypeError(f"{fn}: pairs must be a credit.TeacherPairs; got {type(pairs).__name__}")
+        if batch is not None or shard is not None:
+            raise ValueError(f"{fn}: pairs= replaces batch (and shard); pass either pairs or batch, not both")
+        return pairs
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -272,3 +272,125 @@ def test_bad_input_names_the_argument(tiny):
         teacher.rewards(scores, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="ids"):
         teacher.score_topk(batch, torch.zeros((3, 2), dtype=torch.long), step=0)
+
+
+# -- caller-built pairs (a trainer with its own context rules) and the model-free teacher ----------------------------
+def _fields(p):
+    return (p.contexts, p.pairs_aligned, p.pairs_shuffled, p.responses_ids, p.mask)
+
+
+@pytest.mark.parametrize("method", ["credit", "sdpo"])
+def test_score_pairs_equals_the_built_path(tiny, method):
+    model, tok = tiny
+    batch = _batch(tok)
+    teacher = CreditTeacher(model, tok, method=method, num_partners=2, seed=4)
+    for shard in (None, [5, 0, 2]):
+        built = teacher.score(batch, step=3, shard=shard, width=9)
+        given = teacher.score(pairs=teacher.pairs(batch, step=3, shard=shard), width=9)
+        for name in ("aligned", "shuffled", "response_mask", "teacher_mask"):
+            assert torch.equal(getattr(given, name), getattr(built, name)), name
+    lengths = [len(r) for r in batch.response_ids]
+    ids = torch.randint(0, len(tok), (sum(lengths), 4), generator=torch.Generator().manual_seed(1))
+    s_logp = -torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) * 4 - 1
+    built = teacher.score_topk(batch, ids, step=3, student_logp=s_logp)
+    given = teacher.score_topk(ids=ids, pairs=teacher.pairs(batch, step=3), student_logp=s_logp)
+    for name in ("logp", "tail", "shuffled_logp", "shuffled_tail", "row_mask", "teacher_mask"):
+        assert torch.equal(getattr(given, name), getattr(built, name)), name
+    assert given.offsets == built.offsets and torch.equal(given.target.topk_logp, built.target.topk_logp)
+
+
+def test_score_caller_built_pairs_matches_per_pair_forwards(tiny):
+    """Hand-made TeacherPairs (own contexts, not deduplicated, one response left out) against eager forwards."""
+    from credit import TeacherPairs
+
+    model, tok = tiny
+    batch = _batch(tok)
+    expect = _expected_contexts(tok, batch, step=0, seed=0, num_partners=1, method="credit", swap="input")
+    rows = [0, 2, 3, 5]  # responses 1 and 4 get no teacher signal
+    contexts, aligned, shuffled = [], [], []
+    for i in rows:
+        aligned.append((i, len(contexts)))
+        contexts.append(expect[i][0])
+        shuffled.append((i, len(contexts)))
+        contexts.append(expect[i][1][0])
+    mask = [i in rows for i in range(len(batch))]
+    pairs = TeacherPairs(contexts, aligned, [shuffled], batch.response_ids, mask)
+    teacher = CreditTeacher(model, tok, num_partners=1, lam=0.5)
+    got = teacher.score(pairs=pairs)
+    assert got.teacher_mask.tolist() == mask
+    for i, resp in enumerate(batch.response_ids):
+        n, ids = len(resp), torch.tensor(resp)[:, None]
+        if not mask[i]:
+            assert torch.all(got.aligned[i] == 0) and torch.all(got.shuffled[:, i] == 0)
+            continue
+        assert_close_verbose(got.aligned[i, :n], _naive(model, expect[i][0], resp).gather(1, ids)[:, 0], atol=2e-4,
+                             name=f"a {i}")
+        assert_close_verbose(got.shuffled[0, i, :n], _naive(model, expect[i][1][0], resp).gather(1, ids)[:, 0],
+                             atol=2e-4, name=f"b {i}")
+    s = -torch.rand(got.aligned.shape, generator=torch.Generator().manual_seed(0)) * 5
+    out = teacher.rewards(got, s)
+    m, a, b, sd = got.mask.double(), got.aligned.double(), got.shuffled.double(), s.double()
+    assert_close_verbose(out.rewards, (a - sd - 0.5 * (b[0] - sd)) * m, atol=1e-5, name="rewards on given pairs")
+
+
+def test_model_free_teacher_builds_the_same_pairs(tiny):
+    model, tok = tiny
+    batch = _batch(tok)
+    for kw in (dict(num_partners=2, swap="context", seed=7), dict(method="sdpo")):
+        free = CreditTeacher(None, tok, **kw)
+        assert free.scorer is None
+        for shard in (None, [4, 1]):
+            assert _fields(free.pairs(batch, step=6, shard=shard)) == _fields(
+                CreditTeacher(model, tok, **kw).pairs(batch, step=6, shard=shard))
+    free = CreditTeacher(None, tok)
+    ids = torch.zeros((sum(len(r) for r in batch.response_ids), 2), dtype=torch.long)
+    with pytest.raises(ValueError, match="model"):
+        free.score(batch, step=0)
+    with pytest.raises(ValueError, match="model"):
+        free.score(pairs=free.pairs(batch, step=0))
+    with pytest.raises(ValueError, match="model"):
+        free.score_topk(batch, ids, step=0)
+    with pytest.raises(ValueError, match="temperature"):
+        CreditTeacher(None, tok, temperature=0.0)
+
+
+def test_pairs_argument_errors(tiny):
+    model, tok = tiny
+    batch = _batch(tok)
+    teacher = CreditTeacher(model, tok)
+    pairs = teacher.pairs(batch, step=0)
+    with pytest.raises(TypeError, match="pairs"):
+        teacher.score(pairs={"contexts": []})
+    with pytest.raises(ValueError, match="pairs"):
+        teacher.score(batch, step=0, pairs=pairs)
+    with pytest.raises(ValueError, match="pairs"):
+        teacher.score_topk(shard=[0], ids=torch.zeros((3, 2), dtype=torch.long), pairs=pairs)
+    with pytest.raises(ValueError, match="ids"):
+        teacher.score_topk(pairs=pairs)
+    with pytest.raises(TypeError, match="RolloutBatch"):
+        teacher.score(step=0)
+
+
+@pytest.mark.parametrize("method", ["credit", "sdpo"])
+def test_topk_target_without_tail(tiny, method):
+    model, tok = tiny
+    batch = _batch(tok)
+    teacher = CreditTeacher(model, tok, method=method, num_partners=2, lam=0.6, baseline="logmeanexp")
+    lengths = [len(r) for r in batch.response_ids]
+    ids = torch.randint(0, len(tok), (sum(lengths), 4), generator=torch.Generator().manual_seed(3))
+    s_logp = -torch.rand(ids.shape, generator=torch.Generator().manual_seed(4)) * 4 - 1
+    got = teacher.score_topk(batch, ids, step=1, student_logp=s_logp, add_tail=False)
+    assert got.target.tail_logp is None
+    if method == "sdpo":
+        assert_close_verbose(got.target.topk_logp, torch.log_softmax(got.logp.double(), -1), atol=1e-6,
+                             name="sdpo top-k renormalised")
+    else:
+        ct = contrastive_teacher_topk(got.logp, got.shuffled_logp, s_logp, lam=0.6, baseline="logmeanexp",
+                                      add_tail=False)
+        assert torch.equal(got.target.topk_logp, ct.topk_logp)
+        t, b, sd = (torch.log_softmax(x.double(), -1) for x in (got.logp, got.shuffled_logp, s_logp))
+        beta = torch.logsumexp(b, 0) - torch.log(torch.tensor(2.0, dtype=torch.float64))
+        assert_close_verbose(got.target.topk_logp, torch.log_softmax(t + 0.6 * (sd - beta), -1), atol=1e-5,
+                             name="contrastive top-k without tail")
+    with pytest.raises(ValueError, match="student_tail"):
+        teacher.topk_target(got, s_logp, s_logp[:, 0], add_tail=False)
