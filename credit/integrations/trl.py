@@ -16,9 +16,12 @@ base teachers, IS clipping, the distillation_weight mix, logging, checkpointing)
   exactly stock SDPO); a subclass records the (solution, feedback) texts it used and renders the shuffled contexts
   with TRL's own templates. Feedback texts and prompts are gathered across processes, partners are drawn with the
   same seed on every rank, and each rank scores only its own responses.
-- Teacher log-probs (``teacher_scoring="packed"``, default): the aligned and the M shuffled pairs of the local batch
-  in one packed prefix-trie forward (`credit.TeacherScorer`): no [B, T, V] teacher logits. ``teacher_scoring="trl"``
-  keeps TRL's padded teacher forward (full logits; one per context set), e.g. as a peer in benchmarks.
+- Teacher log-probs (``teacher_scoring="packed"``, default): TRL's contexts become a `credit.TeacherPairs` (the
+  aligned and the M shuffled pairs of the local batch) that `credit.CreditTeacher.score(pairs=...)` /
+  ``score_topk(pairs=...)`` scores in one packed prefix-trie forward: no [B, T, V] teacher logits.
+  ``teacher_scoring="trl"`` keeps TRL's padded teacher forward (full logits; one per context set), e.g. as a peer in
+  benchmarks. Either way the token rewards come from `CreditTeacher.rewards` and the top-k target from
+  `CreditTeacher.topk_target`.
 - Student log-probs: final hidden states of the trainer's own (wrapped, so DDP syncs) forward, projected by the fused
   `linear_logprob` (sampled token) or `linear_topk` (top-k support): no [B, T, V] student logits.
 
@@ -38,10 +41,9 @@ from trl.experimental.sdpo.loss_utils import add_tail_bucket, apply_importance_s
 from trl.experimental.sdpo.sdpo_trainer import SuccessfulRolloutTeacherContextBuilder, _extract_last_user_text
 from trl.trainer.utils import pad, selective_log_softmax
 
-from credit.losses import contrastive_teacher_topk
 from credit.pairing import partners as draw_partners
-from credit.rewards import credit_rewards, sdpo_rewards
-from credit.scoring import TeacherScorer
+from credit.pipeline import CreditTeacher, TeacherLogprobs, TopkTeacher
+from credit.templates import TeacherPairs
 from credit_kernels.linear_logprob import linear_logprob
 from credit_kernels.linear_topk import linear_topk
 
@@ -171,14 +173,6 @@ class _CreditContextBuilder(SuccessfulRolloutTeacherContextBuilder):
         return out
 
 
-@dataclass
-class _TeacherOut:
-    aligned: torch.Tensor  # [B, T] (sampled) or [B, T, k] (top-k) fp32
-    shuffled: torch.Tensor  # [M, B, T] or [M, B, T, k]
-    aligned_tail: torch.Tensor | None = None  # [B, T]
-    shuffled_tail: torch.Tensor | None = None  # [M, B, T]
-
-
 def _unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
     return ids[mask.bool()].tolist()
 
@@ -195,7 +189,8 @@ class CreditSDPOTrainer(SDPOTrainer):
             raise TypeError(f"CreditSDPOTrainer: args must be a CreditSDPOConfig; got {type(self.args).__name__}")
         self._refuse_unsupported()
         self.teacher_context_builder = _CreditContextBuilder(self)
-        self._scorer: TeacherScorer | None = None
+        self._teacher: CreditTeacher | None = None
+        self._teacher_key: tuple | None = None
         self.last_teacher_time_s = 0.0
         self.last_token_rewards: torch.Tensor | None = None  # sampled-token mode: the last step's CREDIT rewards
 
@@ -252,55 +247,71 @@ class CreditSDPOTrainer(SDPOTrainer):
         shuffled = [_unpad(pid[i, m], pmask[i, m]) for i in range(pid.size(0)) for m in range(pid.size(1))]
         return aligned, shuffled
 
-    def _score_teacher(self, inputs, loss_mask: torch.Tensor, topk_ids: torch.Tensor | None) -> _TeacherOut:
+    def _credit_teacher(self) -> CreditTeacher:
+        """The pipeline's CreditTeacher on the current teacher weights and settings (rebuilt when they change)."""
+        args, module = self.args, self._teacher_module()
+        key = (args.lam, args.num_partners, args.baseline, args.swap, self.temperature, args.scorer_max_tokens)
+        if self._teacher is None or self._teacher.model is not module or self._teacher_key != key:
+            # TRL divides the teacher's logits by the sampling temperature too (`_forward_logits`)
+            self._teacher = CreditTeacher(
+                module, self._tokenizer, method="credit" if args.num_partners > 0 else "sdpo", lam=args.lam,
+                num_partners=max(1, args.num_partners), baseline=args.baseline, swap=args.swap,
+                temperature=self.temperature, max_tokens=args.scorer_max_tokens,
+            )
+            self._teacher_key = key
+        return self._teacher
+
+    def _teacher_pairs(self, inputs, loss_mask) -> TeacherPairs:
+        """TRL's aligned contexts and our shuffled ones as TeacherPairs: response i's aligned context is contexts[i],
+        its m-th shuffled one contexts[B + i * M + m]; only responses with loss-mask tokens get pairs."""
+        aligned_ctx, shuffled_ctx = self._contexts(inputs)
+        comp = inputs["completion_ids"]
+        num = comp.size(0)
+        num_partners = inputs["credit_partner_ids"].size(1)
+        lengths = inputs["completion_mask"].sum(-1).tolist()
+        active = loss_mask.bool().any(-1).tolist()
+        rows = [i for i in range(num) if lengths[i] > 0 and active[i]]
+        return TeacherPairs(
+            aligned_ctx + shuffled_ctx, [(i, i) for i in rows],
+            [[(i, num + i * num_partners + m) for i in rows] for m in range(num_partners)],
+            [comp[i, : lengths[i]].tolist() for i in range(num)], [i in rows for i in range(num)],
+        )
+
+    def _score_teacher(self, inputs, loss_mask: torch.Tensor, topk_ids: torch.Tensor | None):
+        """Sampled-token mode: TeacherLogprobs [B, T]; top-k mode (topk_ids [B, T, k]): a TopkTeacher over the
+        loss mask's tokens (row-major)."""
         start = time.perf_counter()
         with torch.no_grad(), self._get_teacher_context_for_self_distillation():
             if self.args.teacher_scoring == "packed":
                 out = self._score_packed(inputs, loss_mask, topk_ids)
             else:
-                out = self._score_padded(inputs, topk_ids)
+                out = self._score_padded(inputs, loss_mask, topk_ids)
         self.last_teacher_time_s = time.perf_counter() - start
         return out
 
-    def _score_packed(self, inputs, loss_mask, topk_ids) -> _TeacherOut:
-        if self._scorer is None or self._scorer.model is not self._teacher_module():
-            # TRL divides the teacher's logits by the sampling temperature too (`_forward_logits`)
-            self._scorer = TeacherScorer(self._teacher_module(), max_tokens=self.args.scorer_max_tokens,
-                                         temperature=self.temperature)
-        aligned_ctx, shuffled_ctx = self._contexts(inputs)
+    def _score_packed(self, inputs, loss_mask, topk_ids):
+        teacher, pairs = self._credit_teacher(), self._teacher_pairs(inputs, loss_mask)
         comp = inputs["completion_ids"]
-        num, length = comp.shape
-        num_partners = inputs["credit_partner_ids"].size(1)
-        lengths = inputs["completion_mask"].sum(-1).tolist()
-        rows = [i for i in range(num) if lengths[i] > 0 and bool(loss_mask[i].any())]
-        responses = [comp[i, : lengths[i]].tolist() for i in range(num)]
-        pairs = [(i, i) for i in rows] + [(i, num + i * num_partners + m) for m in range(num_partners) for i in rows]
-        contexts = aligned_ctx + shuffled_ctx
-        device = comp.device
-        k = None if topk_ids is None else topk_ids.size(-1)
-        shape = (num, length) if k is None else (num, length, k)
-        aligned = torch.zeros(shape, dtype=torch.float32, device=device)
-        shuffled = torch.zeros((num_partners, *shape), dtype=torch.float32, device=device)
-        tails = (torch.zeros(num, length, device=device), torch.zeros(num_partners, num, length, device=device))
-        if not pairs:
-            return _TeacherOut(aligned, shuffled, *(tails if k is not None else (None, None)))
-        if k is None:
-            flat = self._scorer.score(contexts, responses, pairs)
-            tail_flat = None
-        else:
-            ids = [topk_ids[i, : lengths[i]] for i, _ in pairs]
-            flat, tail_flat = self._scorer.score_topk(contexts, responses, pairs, ids)
-        for p, (i, _) in enumerate(pairs):
-            m = p // len(rows) - 1  # -1: aligned
-            target = aligned[i] if m < 0 else shuffled[m, i]
-            target[: lengths[i]] = flat[p].to(device)
-            if tail_flat is not None:
-                (tails[0][i] if m < 0 else tails[1][m, i])[: lengths[i]] = tail_flat[p].to(device)
-        if k is None:
-            return _TeacherOut(aligned, shuffled)
-        return _TeacherOut(aligned, shuffled, *tails)
+        device, length = comp.device, comp.size(1)
+        if topk_ids is None:
+            return teacher.score(pairs=pairs, width=length, device=device)
+        lengths = [len(r) for r in pairs.responses_ids]
+        topk = teacher.score_topk(ids=[topk_ids[i, :n] for i, n in enumerate(lengths)], pairs=pairs, device=device)
+        # flat (response, token) rows -> [B, T, k] -> the loss mask's rows (tokens past a response stay 0)
+        prefix = torch.arange(length, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        keep = loss_mask.bool()
 
-    def _score_padded(self, inputs, topk_ids) -> _TeacherOut:
+        def at_keep(flat, lead=()):
+            full = flat.new_zeros((*lead, *prefix.shape, *flat.shape[len(lead) + 1:]))
+            full[(slice(None),) * len(lead) + (prefix,)] = flat
+            return full[(slice(None),) * len(lead) + (keep,)]
+
+        num_partners = topk.shuffled_logp.size(0)
+        return TopkTeacher(at_keep(topk.logp), at_keep(topk.tail), at_keep(topk.shuffled_logp, (num_partners,)),
+                           at_keep(topk.shuffled_tail, (num_partners,)), topk.row_mask.new_ones(int(keep.sum())), [],
+                           None)
+
+    def _score_padded(self, inputs, loss_mask, topk_ids):
         """TRL's teacher forward (full [B, T, V] logits), once for the aligned and once per shuffled context set."""
         comp, cmask = inputs["completion_ids"], inputs["completion_mask"]
         length = comp.size(1)
@@ -320,9 +331,11 @@ class CreditSDPOTrainer(SDPOTrainer):
             del logits
         shuffled = torch.stack(outs[1:]) if len(outs) > 1 else outs[0].new_zeros((0, *outs[0].shape))
         if topk_ids is None:
-            return _TeacherOut(outs[0], shuffled)
+            return TeacherLogprobs(outs[0], shuffled, cmask.float(), loss_mask.bool().any(-1))
+        keep = loss_mask.bool()
         shuffled_tail = torch.stack(tails[1:]) if len(tails) > 1 else tails[0].new_zeros((0, *tails[0].shape))
-        return _TeacherOut(outs[0], shuffled, tails[0], shuffled_tail)
+        return TopkTeacher(outs[0][keep], tails[0][keep], shuffled[:, keep], shuffled_tail[:, keep],
+                           keep.new_ones(int(keep.sum())), [], None)
 
     # -- loss -----------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -392,14 +405,12 @@ class CreditSDPOTrainer(SDPOTrainer):
             return per_token_logps.sum() * 0.0  # attached to the student graph: zero gradients, not none
         keep = loss_mask.bool()
         if args.distillation_mode == "sampled_token":
-            teacher = self._score_teacher(inputs, loss_mask, None)
+            scores = self._score_teacher(inputs, loss_mask, None)
             s = per_token_logps
-            if teacher.shuffled.size(0) > 0:
-                r = credit_rewards(teacher.aligned, teacher.shuffled, s.detach(), keep, lam=args.lam,
-                                   baseline=args.baseline)
-                self._log_contrast(mode, teacher.aligned, teacher.shuffled, keep)
-            else:
-                r = sdpo_rewards(teacher.aligned, s.detach(), keep)
+            out = self._credit_teacher().rewards(scores, s.detach(), loss_mask.float())
+            r = out.rewards
+            if out.contrast is not None:
+                self._log_contrast(mode, out.contrast, keep)
             self.last_token_rewards = r.detach()  # [B, T], 0 outside the loss mask
             per_token_loss = -r.detach() * s  # TRL: (s - a).detach() * s at lam = 0
         else:
@@ -422,32 +433,19 @@ class CreditSDPOTrainer(SDPOTrainer):
         top = linear_topk(hidden[keep], weight, k, temperature=self.temperature)
         ids = torch.zeros(num, length, k, dtype=torch.long, device=hidden.device)
         ids[keep] = top.ids
-        teacher = self._score_teacher(inputs, loss_mask, ids)
+        teacher = self._score_teacher(inputs, loss_mask, ids)  # TopkTeacher over the kept tokens
         s_topk = top.logp  # [N, k]
-        t_topk = teacher.aligned[keep]
         if add_tail:
             s_buckets = add_tail_bucket(s_topk)
         else:
             s_buckets = s_topk - torch.logsumexp(s_topk, dim=-1, keepdim=True)
-        if teacher.shuffled.size(0) > 0:
-            tails = {}
-            if add_tail:
-                tails = dict(teacher_tail=teacher.aligned_tail[keep], shuffled_tail=teacher.shuffled_tail[:, keep],
-                             student_tail=s_buckets[..., -1].detach())
-            ct = contrastive_teacher_topk(t_topk, teacher.shuffled[:, keep], s_topk.detach(), lam=args.lam,
-                                          baseline=args.baseline, add_tail=add_tail, **tails)
-            t_buckets = torch.cat([ct.topk_logp, ct.tail_logp.unsqueeze(-1)], -1) if add_tail else ct.topk_logp
-        elif add_tail:
-            t_buckets = torch.cat([t_topk, teacher.aligned_tail[keep].unsqueeze(-1)], -1)
-        else:
-            t_buckets = t_topk - torch.logsumexp(t_topk, dim=-1, keepdim=True)
+        target = self._credit_teacher().topk_target(teacher, s_topk, s_buckets[..., -1] if add_tail else None,
+                                                    add_tail=add_tail)
+        t_buckets = torch.cat([target.topk_logp, target.tail_logp.unsqueeze(-1)], -1) if add_tail else target.topk_logp
         per_row = compute_divergence(s_buckets, t_buckets, args.distillation_alpha)
         return per_row.new_zeros(num, length).masked_scatter(keep, per_row)
 
-    def _log_contrast(self, mode, aligned, shuffled, keep) -> None:
-        beta = shuffled.mean(0) if self.args.baseline == "mean" else (
-            torch.logsumexp(shuffled, 0) - torch.log(torch.tensor(float(shuffled.size(0)))))
-        diff = ((aligned - beta) * keep).sum() / keep.sum().clamp(min=1)
+    def _log_contrast(self, mode, contrast, keep) -> None:
+        diff = contrast.sum() / keep.sum().clamp(min=1)  # mean (a - beta) over the rewarded tokens
         self._metrics[mode]["credit/input_specific"].append(self.accelerator.gather(diff.detach()).mean().item())
         self._metrics[mode]["credit/teacher_time_s"].append(self.last_teacher_time_s)
-
