@@ -1,9 +1,9 @@
 r"""The driver-side context step of CREDIT in verl: feedback and partner contexts over the global batch.
 
-This is ``credit.CreditTeacher.pairs`` (same feedback rule, same seeds) without a teacher model on the driver: in
-verl the weights live in the worker groups, which score the rows. After the rollouts of a step, the driver holds the
-whole batch (every prompt group, every response), so partners
-are drawn over the global batch with one seed and no gather is needed. For the B responses:
+The pairs come from ``credit.CreditTeacher(None, tokenizer, ...).pairs`` (the pipeline's feedback rule, partners and
+seeds; a model-free teacher, since in verl the weights live in the worker groups, which score the rows). After the
+rollouts of a step, the driver holds the whole batch (every prompt group, every response), so partners are drawn over
+the global batch with one seed and no gather is needed. For the B responses:
 
 1. ``select_feedback``: a successful sibling (summed task reward >= threshold; never the response itself) and/or
    the environment's text feedback; responses with neither get mask 0 and no teacher rows.
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from credit.integrations.verl.loss import FIELD_MASK, FIELD_SHUFFLED, FIELD_TEACHER
-from credit.pairing import partners as draw_partners
-from credit.templates import DEFAULT_TEMPLATE, TeacherTemplate, build_teacher_pairs, select_feedback
+from credit.pipeline import CreditTeacher, RolloutBatch
+from credit.templates import DEFAULT_TEMPLATE, TeacherTemplate
 
 __all__ = [
     "TEACHER_ROW_FIELDS",
@@ -140,22 +140,21 @@ def build_credit_contexts(
             raise ValueError(f"{fn}: {name} must have length B = {num} (one per response); got {len(seq)}")
     if isinstance(num_partners, bool) or not isinstance(num_partners, int) or num_partners < 0:
         raise ValueError(f"{fn}: num_partners must be an int >= 0; got {num_partners!r}")
-    gids = group_index(uids)
     resp = [[int(t) for t in r] for r in responses_ids]
-    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in resp]
-    sel = select_feedback(gids, successes, texts, env_feedback, seed=seed * 31 + step)
-    part = draw_partners(gids, num_partners, seed=seed * 17 + step) if num_partners > 0 else None
-    pairs = build_teacher_pairs(
-        tokenizer, list(prompts), gids, resp, sel.solutions, sel.feedbacks, part,
-        swap=swap, template=template, chat_template_kwargs=chat_template_kwargs,
-    )
+    batch = RolloutBatch(list(prompts), resp, group_index(uids), successes,
+                         None if env_feedback is None else list(env_feedback))
+    teacher = CreditTeacher(None, tokenizer, method="credit" if num_partners > 0 else "sdpo",
+                            num_partners=max(1, num_partners), swap=swap, template=template, seed=seed,
+                            chat_template_kwargs=chat_template_kwargs)
+    pairs = teacher.pairs(batch, step=step)
     rows, index = [], []
     for k, slot in enumerate([pairs.pairs_aligned, *pairs.pairs_shuffled]):
         for i, c in slot:
             rows.append((pairs.contexts[c], resp[i]))
             index.append((i, k))
     row_index = torch.tensor(index, dtype=torch.int64).reshape(-1, 2)
-    return CreditContexts(rows, row_index, sel.mask, [len(r) for r in resp], num_partners)
+    feedback_mask = torch.tensor(pairs.mask, dtype=torch.bool).reshape(-1)
+    return CreditContexts(rows, row_index, feedback_mask, [len(r) for r in resp], num_partners)
 
 
 def assemble_credit_fields(
