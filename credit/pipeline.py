@@ -7,6 +7,9 @@ r"""The CREDIT teacher pipeline every trainer calls: rollouts in, teacher log-pr
          (or CreditTeacher.score_topk -> teacher log-probs + tail at the student's top-k ids, contrastive teacher)
       -> the trainer's own loss, update and teacher weights (EMA / frozen / live: the caller's choice)
 
+A trainer with its own context rules (TRL's) builds the TeacherPairs itself: ``score(pairs=...)`` /
+``score_topk(pairs=...)``. ``CreditTeacher(None, tokenizer, ...)`` builds pairs without a model (verl's driver).
+
 The method (docs/method.md; arXiv 2605.11613): with a = log T(y_t | c(x, f), y_<t) (aligned teacher),
 b^m = log T(y_t | c(x_m, f), y_<t) (M shuffled partner inputs), s the student's log-probs and
 beta = mean_m b^m (or log-mean-exp), the token reward is

@@ -3,7 +3,7 @@ r"""The driver-side context step of CREDIT in verl: feedback and partner context
 The pairs come from ``credit.CreditTeacher(None, tokenizer, ...).pairs`` (the pipeline's feedback rule, partners and
 seeds; a model-free teacher, since in verl the weights live in the worker groups, which score the rows). After the
 rollouts of a step, the driver holds the whole batch (every prompt group, every response), so partners are drawn over
-the global batch with one seed and no gather is needed. For the B responses:
+the global batch with one seed and no gather is needed. For the B responses (1-3 are ``CreditTeacher.pairs``):
 
 1. ``select_feedback``: a successful sibling (summed task reward >= threshold; never the response itself) and/or
    the environment's text feedback; responses with neither get mask 0 and no teacher rows.
