@@ -17,7 +17,8 @@ Both give the same gradients (tests/test_packed_student.py); the JSON records th
 Workloads: "default" = the embedded SmolLM2-135M, P=4 prompts of task 'largest' through the chat template
 (~52 tokens), G=4 random 16-token responses (the trainer's default step); "long" = prompts of 512 tokens, G=8
 rollouts of 64, P=2, on a random Llama of SmolLM2's shape (d=576, 9/3 heads, vocab 49152) with 8 layers instead of
-30 (the embedded model's padded update runs minutes per repeat on 2 shared CPU cores); "gpu" = Qwen2-1.5B-shaped random model (28 layers,
+30 (the embedded model's padded update runs minutes per repeat on 2 shared CPU cores); "long_embedded" = the same
+batch on the embedded SmolLM2-135M itself (all 30 layers: the issue's long-prompt workload on the real model); "gpu" = Qwen2-1.5B-shaped random model (28 layers,
 d=1536, GQA 12/2, vocab 151936), bf16, P=8, G=4, Lp=2048, Lr=1024. Timing: each repeat runs every provider once,
 interleaved (a shared machine's load hits both alike); medians over repeats after one warm-up call each.
 
@@ -51,6 +52,7 @@ WORKLOADS = {
     # name: model, P, G, prompt length (None = the chat prompt of task 'largest'), response length, micro-batch
     "default": dict(model="embedded", prompts=4, rollouts=4, prompt_len=None, response_len=16, micro_batch=8),
     "long": dict(model="llama-576x8", prompts=2, rollouts=8, prompt_len=512, response_len=64, micro_batch=8),
+    "long_embedded": dict(model="embedded", prompts=2, rollouts=8, prompt_len=512, response_len=64, micro_batch=8),
     "gpu": dict(model="qwen2-1.5b", prompts=8, rollouts=4, prompt_len=2048, response_len=1024, micro_batch=2),
     "smoke": dict(model="llama-tiny", prompts=2, rollouts=3, prompt_len=20, response_len=6, micro_batch=4),
 }
