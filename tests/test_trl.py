@@ -326,6 +326,7 @@ def test_embedded_model_lam0_equals_stock_and_lam_positive_trains(tmp_path):
     batch = one_batch(ours)
     assert batch["self_distillation_mask"].sum() > 0
     loss, grads = loss_and_grads(ours, batch)
+    assert ours.last_student_path == "packed"
     ref_loss, ref_grads = loss_and_grads(stock, batch)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-4)
     diff, scale = _max_grad_diff(grads, ref_grads)
