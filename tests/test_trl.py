@@ -114,7 +114,7 @@ def test_share_prompts_equals_padded_student(tiny_model_dir, tmp_path, monkeypat
     torch.testing.assert_close(packed_logps, padded_logps, atol=1e-5, rtol=1e-5)
 
 
-def test_share_prompts_falls_back_under_gradient_checkpointing(tiny_model_dir, tmp_path):
+def test_share_prompts_falls_back_under_checkpointing_and_compile(tiny_model_dir, tmp_path):
     trainer = make_trainer(True, tiny_model_dir, str(tmp_path), **_mode_kw("sampled_token", lam=0.5, num_partners=1))
     batch = one_batch(trainer)
     loss, grads = loss_and_grads(trainer, batch)
@@ -126,6 +126,12 @@ def test_share_prompts_falls_back_under_gradient_checkpointing(tiny_model_dir, t
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
     diff, scale = _max_grad_diff(grads, ref_grads)
     assert diff <= 1e-5 * scale + 1e-8, f"max grad diff {diff} (max grad {scale})"
+    trainer.model.activation_checkpointing_disable()
+    trainer.args.torch_compile = True  # the flag alone: the student runs padded (nothing is compiled here)
+    with pytest.warns(UserWarning, match="runs padded: .*torch.compile"):
+        compiled_loss, _ = loss_and_grads(trainer, batch)
+    assert trainer.last_student_path == "padded"
+    torch.testing.assert_close(compiled_loss, ref_loss, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

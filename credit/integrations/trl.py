@@ -92,8 +92,9 @@ class CreditSDPOConfig(SDPOConfig):
         `credit.packed_student.packed_unsupported(model)` names a reason: a family without tree attention support,
         activation (gradient) checkpointing on (TRL's default `gradient_checkpointing=True`: set
         `activation_checkpointing=False` to share prompts), attention dropout in training, sequences beyond a
-        sliding window; or when the masks are not left-padded prompts / right-padded completions, or no completion
-        has a token. False: always the padded forward.
+        sliding window; or for a torch.compile'd model (`torch_compile` / accelerate's dynamo backend); or when the
+        masks are not left-padded prompts / right-padded completions, or no completion has a token. False: always
+        the padded forward.
     """
 
     lam: float = field(default=0.5, metadata={"help": "CREDIT debiasing weight in [0, 1] (0 = SDPO)."})
@@ -202,6 +203,17 @@ class _CreditContextBuilder(SuccessfulRolloutTeacherContextBuilder):
         return out
 
 
+def _compiled(model) -> bool:
+    """Whether a torch.compile wrapper sits anywhere in model's wrapper chain (DDP / DeepSpeed `.module`)."""
+    for _ in range(8):
+        if model is None:
+            return False
+        if hasattr(model, "_orig_mod"):
+            return True
+        model = getattr(model, "module", None)
+    return False
+
+
 def _unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
     return ids[mask.bool()].tolist()
 
@@ -287,6 +299,9 @@ class CreditSDPOTrainer(SDPOTrainer):
         TRL's left padding (positions offset by the pad count) and the trie (positions from 0) agree up to rounding.
         """
         unwrapped = self.accelerator.unwrap_model(model)
+        if self.args.torch_compile or _compiled(model):
+            self.last_student_fallback = "a torch.compile'd model (the tree attention switch is not traced)"
+            return None
         pmask, comp, cmask = inputs["prompt_mask"].bool(), inputs["completion_ids"], inputs["completion_mask"].bool()
         num, length = comp.shape
         # the padded forward attends to exactly the masked-in tokens in order: packed needs them contiguous
