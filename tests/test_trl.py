@@ -1,7 +1,9 @@
 """credit.integrations.trl against the real trl==1.16.0 on CPU, nothing from a hub (tests/trl_harness.py).
 
 - lam = 0: CreditSDPOTrainer's loss and gradients equal stock SDPOTrainer's on the same batch (both distillation
-  modes, both teacher scorers, with and without shuffled partners, mixed with the policy loss);
+  modes, both teacher scorers, with and without shuffled partners, mixed with the policy loss), with the packed
+  student forward (share_prompts, the default);
+- share_prompts on vs off: the same [B, T] log-probs, loss and gradients; the padded fallback under checkpointing;
 - lam > 0: its rewards / top-k loss equal a float64 reference from naive per-pair teacher forwards;
 - the shuffled contexts are TRL's reprompt of the partner's prompt; bad settings raise naming the setting;
 - two gloo processes on halves of the global batch equal one process on the whole batch (loss, parameters).
@@ -9,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -62,10 +65,73 @@ def test_lam0_equals_stock_sdpo(tiny_model_dir, tmp_path, mode, scoring, num_par
     assert batch["self_distillation_mask"].sum() > 0, "the toy batch must carry teacher signal"
     assert batch["credit_partner_ids"].shape[:2] == (8, num_partners)
     loss, grads = loss_and_grads(ours, batch)
+    assert ours.last_student_path == "packed"  # share_prompts is the default
     ref_loss, ref_grads = loss_and_grads(stock, batch)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-4)
     diff, scale = _max_grad_diff(grads, ref_grads)
     assert scale > 0 and diff <= 1e-4 * scale + 1e-7, f"max grad diff {diff} (max grad {scale})"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# share_prompts: the packed student forward (one prefix trie per micro-batch) equals the padded one
+@pytest.mark.parametrize("mode", ["sampled_token", "topk_logits"])
+def test_share_prompts_equals_padded_student(tiny_model_dir, tmp_path, monkeypatch, mode):
+    import credit.integrations.trl as trl_mod
+
+    trainer = make_trainer(True, tiny_model_dir, str(tmp_path), **_mode_kw(mode, lam=0.5, num_partners=1,
+                                                                           distillation_weight=0.5))
+    batch = one_batch(trainer)
+    layers = trainer.model.config.num_hidden_layers
+    forwards, logps = [], []
+    real_active, real_policy = trl_mod.tree_attention_active, trainer._policy_loss_from_logps
+
+    @contextlib.contextmanager
+    def spy_active(model, state):  # counts the packed forwards and the layers that ran tree attention
+        with real_active(model, state) as s:
+            yield s
+        forwards.append(state.calls)
+
+    def spy_policy(inputs, per_token_logps):  # TRL's [B, T] log-prob tensor that the policy loss consumes
+        logps.append(per_token_logps.detach().clone())
+        return real_policy(inputs, per_token_logps)
+
+    monkeypatch.setattr(trl_mod, "tree_attention_active", spy_active)
+    monkeypatch.setattr(trainer, "_policy_loss_from_logps", spy_policy)
+    loss, grads = loss_and_grads(trainer, batch)
+    assert trainer.last_student_path == "packed" and forwards == [layers]
+    unique, total = trainer.last_student_tokens
+    assert unique < total  # each group's prompt ran once: the toy batch has 2 responses per prompt
+    trainer.args.share_prompts = False
+    ref_loss, ref_grads = loss_and_grads(trainer, batch)
+    assert trainer.last_student_path == "padded" and len(forwards) == 1
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    diff, scale = _max_grad_diff(grads, ref_grads)
+    assert scale > 0 and diff <= 1e-5 * scale + 1e-8, f"max grad diff {diff} (max grad {scale})"
+    packed_logps, padded_logps = logps
+    assert packed_logps.shape == padded_logps.shape == batch["completion_ids"].shape
+    off = ~batch["completion_mask"].bool()
+    assert (packed_logps[off] == 0).all() and (padded_logps[off] == 0).all()
+    torch.testing.assert_close(packed_logps, padded_logps, atol=1e-5, rtol=1e-5)
+
+
+def test_share_prompts_falls_back_under_checkpointing_and_compile(tiny_model_dir, tmp_path):
+    trainer = make_trainer(True, tiny_model_dir, str(tmp_path), **_mode_kw("sampled_token", lam=0.5, num_partners=1))
+    batch = one_batch(trainer)
+    loss, grads = loss_and_grads(trainer, batch)
+    assert trainer.last_student_path == "packed"
+    trainer.model.activation_checkpointing_enable()
+    with pytest.warns(UserWarning, match="runs padded: .*checkpointing"):
+        ref_loss, ref_grads = loss_and_grads(trainer, batch)
+    assert trainer.last_student_path == "padded" and "checkpointing" in trainer.last_student_fallback
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    diff, scale = _max_grad_diff(grads, ref_grads)
+    assert diff <= 1e-5 * scale + 1e-8, f"max grad diff {diff} (max grad {scale})"
+    trainer.model.activation_checkpointing_disable()
+    trainer.args.torch_compile = True  # the flag alone: the student runs padded (nothing is compiled here)
+    with pytest.warns(UserWarning, match="runs padded: .*torch.compile"):
+        compiled_loss, _ = loss_and_grads(trainer, batch)
+    assert trainer.last_student_path == "padded"
+    torch.testing.assert_close(compiled_loss, ref_loss, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -241,6 +307,7 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     two = _run_harness(launch + harness, str(tmp_path / "two" / "out.pt"))
     one = _run_harness([sys.executable] + harness, str(tmp_path / "one" / "out.pt"))
     assert (two["num_processes"], one["num_processes"]) == (2, 1)
+    assert two["student_paths"] == one["student_paths"] == ["packed"] * 2  # prompt sharing under DDP, each step
     for b2, b1 in zip(two["batches"], one["batches"], strict=True):
         for key in b1:
             assert torch.equal(b2[key], b1[key]), f"global batch differs in {key}"
@@ -265,6 +332,7 @@ def test_embedded_model_lam0_equals_stock_and_lam_positive_trains(tmp_path):
     batch = one_batch(ours)
     assert batch["self_distillation_mask"].sum() > 0
     loss, grads = loss_and_grads(ours, batch)
+    assert ours.last_student_path == "packed"
     ref_loss, ref_grads = loss_and_grads(stock, batch)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-4)
     diff, scale = _max_grad_diff(grads, ref_grads)

@@ -43,7 +43,8 @@ def make_config(credit: bool, out_dir: str, **kw):
     base.update(kw)
     if credit:
         return CreditSDPOConfig(**base)
-    drop = ("lam", "num_partners", "baseline", "swap", "teacher_scoring", "partner_seed", "scorer_max_tokens")
+    drop = ("lam", "num_partners", "baseline", "swap", "teacher_scoring", "partner_seed", "scorer_max_tokens",
+            "share_prompts")
     return SDPOConfig(**{k: v for k, v in base.items() if k not in drop})
 
 
@@ -93,13 +94,15 @@ def _main() -> None:
     per_device = 8 // world
     kw = dict(per_device_train_batch_size=per_device, lam=0.5, num_partners=2, teacher_model_kind="live",
               distillation_mode=a.mode, distillation_alpha=1.0 if a.mode == "sampled_token" else 0.5,
-              distillation_topk=5 if a.mode == "topk_logits" else None, generation_kwargs={"do_sample": False})
+              distillation_topk=5 if a.mode == "topk_logits" else None, generation_kwargs={"do_sample": False},
+              activation_checkpointing=False)  # TRL's default (on) would make the student forward fall back to padded
     trainer = make_trainer(True, a.model, os.path.dirname(a.out), **kw)
-    losses, batches = [], []
+    losses, batches, paths = [], [], []
     orig = trainer.compute_loss
 
     def record(model, inputs, *args, **kwargs):
         loss = orig(model, inputs, *args, **kwargs)
+        paths.append(trainer.last_student_path)
         losses.append(trainer.accelerator.gather(loss.detach().reshape(1)).mean().item())
         acc = trainer.accelerator
         batches.append({k: acc.gather(acc.pad_across_processes(inputs[k], dim=1) if inputs[k].dim() > 1 else
@@ -112,7 +115,7 @@ def _main() -> None:
     if trainer.accelerator.is_main_process:
         model = trainer.accelerator.unwrap_model(trainer.model)
         params = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
-        torch.save({"losses": losses, "batches": batches, "params": params,
+        torch.save({"losses": losses, "batches": batches, "params": params, "student_paths": paths,
                     "num_processes": trainer.accelerator.num_processes}, a.out)
 
 

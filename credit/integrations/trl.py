@@ -23,7 +23,13 @@ base teachers, IS clipping, the distillation_weight mix, logging, checkpointing)
   benchmarks. Either way the token rewards come from `CreditTeacher.rewards` and the top-k target from
   `CreditTeacher.topk_target`.
 - Student log-probs: final hidden states of the trainer's own (wrapped, so DDP syncs) forward, projected by the fused
-  `linear_logprob` (sampled token) or `linear_topk` (top-k support): no [B, T, V] student logits.
+  `linear_logprob` (sampled token) or `linear_topk` (top-k support): no [B, T, V] student logits. With
+  ``share_prompts=True`` (default) that forward runs packed: the micro-batch's prompts + completions form one prefix
+  trie (a group's prompt once), fed through the same wrapped module with the trie's position ids while tree
+  attention is plugged in (`credit.packed_student`'s layout); the hidden states at the completion rows are scattered
+  back to TRL's [B, T] layout, so the policy loss, IS clipping and the distillation terms see the same tensors.
+  Falls back to the padded forward where `credit.packed_student.packed_unsupported` names a reason (e.g. activation
+  checkpointing, which TRL turns on by default) or the masks are not TRL's left/right padding.
 
 Unsupported (a clear error at construction): PEFT models, FSDP, DeepSpeed ZeRO-3 (the fused heads and the packed
 scorer need the full LM head and teacher weights on every rank), the teacher server, ``distillation_mode=
@@ -33,7 +39,10 @@ scorer need the full LM head and teacher weights on every rank), the teacher ser
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
+
+import numpy as np
 import torch
 from accelerate.utils import gather_object, is_peft_model
 from trl.experimental.sdpo import SDPOConfig, SDPOTrainer
@@ -41,11 +50,16 @@ from trl.experimental.sdpo.loss_utils import add_tail_bucket, apply_importance_s
 from trl.experimental.sdpo.sdpo_trainer import SuccessfulRolloutTeacherContextBuilder, _extract_last_user_text
 from trl.trainer.utils import pad, selective_log_softmax
 
+from credit.packed_student import packed_unsupported
 from credit.pairing import partners as draw_partners
 from credit.pipeline import CreditTeacher, TeacherLogprobs, TopkTeacher
+from credit.scoring.attention import TreeState, tree_attention_active
+from credit.scoring.chunks import pred_index
 from credit.templates import TeacherPairs
 from credit_kernels.linear_logprob import linear_logprob
 from credit_kernels.linear_topk import linear_topk
+from credit_kernels.prefix_trie import build_prefix_trie
+from credit_kernels.tree_attention import tree_attention_plan
 
 __all__ = ["CreditSDPOConfig", "CreditSDPOTrainer"]
 
@@ -70,6 +84,17 @@ class CreditSDPOConfig(SDPOConfig):
         pairs, fused heads) or "trl" (TRL's padded teacher forwards with full logits).
     partner_seed (`int`, defaults to `0`): seed of the partner draw; step s uses partner_seed + s on every rank.
     scorer_max_tokens (`int`, defaults to `32768`): unique tokens per packed teacher forward (bounds memory).
+    share_prompts (`bool`, defaults to `True`): run the student's forward over the micro-batch's prefix trie of
+        prompts + completions, each group's prompt computed once (forward and backward), through the trainer's
+        wrapped module (DDP / DeepSpeed ZeRO-1/2 gradient sync unchanged); the same log-probs, losses and gradients
+        as the padded forward up to float rounding. Falls back to the padded forward (per micro-batch, with one
+        warning per reason; `trainer.last_student_path` says which ran) when
+        `credit.packed_student.packed_unsupported(model)` names a reason: a family without tree attention support,
+        activation (gradient) checkpointing on (TRL's default `gradient_checkpointing=True`: set
+        `activation_checkpointing=False` to share prompts), attention dropout in training, sequences beyond a
+        sliding window; or for a torch.compile'd model (`torch_compile` / accelerate's dynamo backend); or when the
+        masks are not left-padded prompts / right-padded completions, or no completion has a token. False: always
+        the padded forward.
     """
 
     lam: float = field(default=0.5, metadata={"help": "CREDIT debiasing weight in [0, 1] (0 = SDPO)."})
@@ -85,6 +110,9 @@ class CreditSDPOConfig(SDPOConfig):
     )
     partner_seed: int = field(default=0, metadata={"help": "Partner draw seed; step s uses partner_seed + s."})
     scorer_max_tokens: int = field(default=32768, metadata={"help": "Unique tokens per packed teacher forward."})
+    share_prompts: bool = field(
+        default=True, metadata={"help": "Student forward over the prompt trie (each prompt once); padded fallback."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -109,6 +137,8 @@ class CreditSDPOConfig(SDPOConfig):
             raise ValueError("`distillation_mode='topk_logits'` requires `distillation_topk` to be set.")
         if self.scorer_max_tokens < 1:
             raise ValueError(f"`scorer_max_tokens` must be >= 1, got {self.scorer_max_tokens}.")
+        if not isinstance(self.share_prompts, bool):
+            raise ValueError(f"`share_prompts` must be a bool, got {self.share_prompts!r}.")
 
 
 class _CreditContextBuilder(SuccessfulRolloutTeacherContextBuilder):
@@ -173,6 +203,17 @@ class _CreditContextBuilder(SuccessfulRolloutTeacherContextBuilder):
         return out
 
 
+def _compiled(model) -> bool:
+    """Whether a torch.compile wrapper sits anywhere in model's wrapper chain (DDP / DeepSpeed `.module`)."""
+    for _ in range(8):
+        if model is None:
+            return False
+        if hasattr(model, "_orig_mod"):
+            return True
+        model = getattr(model, "module", None)
+    return False
+
+
 def _unpad(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
     return ids[mask.bool()].tolist()
 
@@ -193,6 +234,10 @@ class CreditSDPOTrainer(SDPOTrainer):
         self._teacher_key: tuple | None = None
         self.last_teacher_time_s = 0.0
         self.last_token_rewards: torch.Tensor | None = None  # sampled-token mode: the last step's CREDIT rewards
+        self.last_student_path: str | None = None  # "packed" or "padded": the last student forward
+        self.last_student_fallback: str | None = None  # why the last one ran padded with share_prompts on
+        self.last_student_tokens: tuple[int, int] | None = None  # packed: (unique tokens run, padded path's tokens)
+        self._fallbacks_warned: set[str] = set()
 
     def _prepare_training_batch(self, inputs):
         batch = super()._prepare_training_batch(inputs)
@@ -221,7 +266,20 @@ class CreditSDPOTrainer(SDPOTrainer):
 
     # -- student: hidden states through the wrapped model, fused heads --------------------------------------------
     def _student_hidden(self, model, inputs) -> torch.Tensor:
-        """[B, T, d] final hidden states at the positions that predict the completion tokens."""
+        """[B, T, d] final hidden states at the positions that predict the completion tokens (zeros where the
+        packed path ran and completion_mask is 0; every consumer reads only completion_mask's positions)."""
+        self.last_student_fallback = None
+        if self.args.share_prompts:
+            hidden = self._student_hidden_packed(model, inputs)
+            if hidden is not None:
+                self.last_student_path = "packed"
+                return hidden
+        self.last_student_path = "padded"
+        reason = self.last_student_fallback
+        if reason is not None and reason not in self._fallbacks_warned:
+            self._fallbacks_warned.add(reason)
+            warnings.warn(f"CreditSDPOTrainer: share_prompts=True but the student runs padded: {reason}",
+                          stacklevel=2)
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         model_inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False, "output_hidden_states": True}
@@ -230,6 +288,61 @@ class CreditSDPOTrainer(SDPOTrainer):
         hidden = model(**model_inputs).hidden_states[-1]  # after the final norm
         length = inputs["completion_ids"].size(1)
         return hidden[:, -length - 1 : -1]
+
+    def _student_hidden_packed(self, model, inputs) -> torch.Tensor | None:
+        """`_student_hidden` from ONE forward over the prefix trie of the micro-batch's prompts + completions[:-1],
+        or None (with the reason in last_student_fallback) where the packed path cannot reproduce the padded one.
+
+        The forward goes through `model` as the trainer passes it (the DDP / DeepSpeed wrapper: its gradient sync
+        and accelerate's autocast stay in force) with the trie's tokens as one [1, U] row and the trie's position ids;
+        tree attention is switched on in the unwrapped module for that call only. RoPE sees relative positions, so
+        TRL's left padding (positions offset by the pad count) and the trie (positions from 0) agree up to rounding.
+        """
+        unwrapped = self.accelerator.unwrap_model(model)
+        if self.args.torch_compile or _compiled(model):
+            self.last_student_fallback = "a torch.compile'd model (the tree attention switch is not traced)"
+            return None
+        pmask, comp, cmask = inputs["prompt_mask"].bool(), inputs["completion_ids"], inputs["completion_mask"].bool()
+        num, length = comp.shape
+        # the padded forward attends to exactly the masked-in tokens in order: packed needs them contiguous
+        p_left = (pmask.int().diff(dim=1) >= 0).all()
+        c_right = (cmask.int().diff(dim=1) <= 0).all()
+        if not bool(p_left and c_right):
+            self.last_student_fallback = "prompt_mask is not left-padded or completion_mask not right-padded"
+            return None
+        n_resp = cmask.sum(-1).cpu().numpy().astype(np.int64)
+        n_ctx = pmask.sum(-1).cpu().numpy().astype(np.int64)
+        items = [i for i in range(num) if n_resp[i] > 0]
+        if not items or any(n_ctx[i] == 0 for i in items):
+            self.last_student_fallback = "no completion has a token" if not items else "an empty prompt"
+            return None
+        pid, cid = inputs["prompt_ids"].cpu().numpy(), comp.cpu().numpy()
+        pm = pmask.cpu().numpy()
+        seqs = [np.concatenate([pid[i][pm[i]], cid[i, : n_resp[i] - 1]]).astype(np.int64) for i in items]
+        max_len = max(int(s.size) for s in seqs)
+        reason = packed_unsupported(unwrapped, max_len)
+        if reason is not None:
+            self.last_student_fallback = reason
+            return None
+        trie = build_prefix_trie(seqs)
+        rows = trie.seq_rows.numpy()[pred_index(n_ctx[items], n_resp[items], trie.seq_ptr.numpy()[:-1])]
+        device = comp.device
+        state = TreeState(tree_attention_plan(trie, device=device, check_inputs=False), "auto", max_len)
+        model_inputs = {"input_ids": trie.tokens.to(device)[None], "position_ids": trie.positions.to(device)[None],
+                        "use_cache": False, "output_hidden_states": True}
+        if "logits_to_keep" in self.model_kwarg_keys:
+            model_inputs["logits_to_keep"] = 1  # the head runs on one row (it stays in the graph, as padded)
+        with tree_attention_active(unwrapped, state):
+            out = model(**model_inputs)
+        layers = getattr(unwrapped.config, "num_hidden_layers", None)
+        if state.calls == 0 or (layers is not None and state.calls != layers):
+            raise RuntimeError(f"CreditSDPOTrainer: tree attention ran in {state.calls} of {layers} layers of "
+                               f"{type(unwrapped).__name__}; set share_prompts=False.")
+        packed = out.hidden_states[-1][0][torch.from_numpy(rows).to(device)]  # [N, d], (response, token) order
+        hidden = packed.new_zeros((num, length, packed.size(-1)))
+        hidden[cmask] = packed  # right-padded completions: cmask's row-major order is (response, token) order
+        self.last_student_tokens = (int(trie.num_unique), int(trie.total_tokens))
+        return hidden
 
     def _head_weight(self, model) -> torch.Tensor:
         return self.accelerator.unwrap_model(model).get_output_embeddings().weight
