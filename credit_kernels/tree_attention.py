@@ -613,9 +613,23 @@ def tree_attention(
     return _run_backend(backend, q, k, v, ve, tree, scale)
 
 
+def _cpu_training(q, k, v) -> bool:
+    """CPU tensors that want a gradient, outside the Triton interpreter (which runs the kernels on CPU tensors)."""
+    return (q.device.type == "cpu" and not INTERPRET and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
 @_core.no_autocast  # the inputs are already in the dtype to compute from; the reference's matmuls stay in it
 def _run_backend(backend: str, q, k, v, ve, tree, scale: float) -> TreeAttentionOutput:
     if backend == "torch":
+        if _cpu_training(q, k, v):
+            # training on the CPU: the op's hand-written backward recomputes P once per chunk, where autograd
+            # through the reference's checkpointed chunks reruns the whole forward and differentiates it
+            plan = tree if isinstance(tree, TreeAttentionPlan) else None
+            none = ve.new_empty((0,), dtype=torch.int32)
+            out, lse = _tree_attention_op(q, k, v, ve, none if plan is None else plan.block_ptr,
+                                          none if plan is None else plan.block_idx, scale, BLOCK_M, BLOCK_N)
+            return TreeAttentionOutput(out, lse)
         return tree_attention_ref(q, k, v, ve, scale=scale)
     if backend == "flex":
         if q.shape[0] == 0:

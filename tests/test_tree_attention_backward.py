@@ -304,7 +304,7 @@ def test_opcheck_forward_with_autograd_and_backward_op():
 def test_op_cpu_path_without_interpreter(monkeypatch):
     """CPU tensors with TRITON_INTERPRET unset: the op's forward is the reference and its backward the chunked
     PyTorch backward (`_tree_attention_bwd_torch`), also with only lse or only out used."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read per call: the op takes its CPU branch
+    monkeypatch.setattr(_ta, "INTERPRET", False)  # as on a CPU machine without the interpreter: the CPU branch
     tree = TRIES["shared"]()
     args, g_out, g_lse = _op_args(tree, "cpu", requires_grad=True)
     out, lse = torch.ops.credit.tree_attention(*args)
@@ -353,6 +353,26 @@ def test_torch_backend_gradients_match_oracle(name, hq, hkv, d, dtype):
     q, k, v, g_out, g_lse = _inputs(tree, hq, hkv, d, dtype)
     out, lse = tree_attention(q, k, v, tree, backend="torch", scale=0.3)
     _check_grads(_grads(out, lse, (q, k, v), g_out, g_lse), q, k, v, tree, g_out, g_lse, scale=0.3)
+
+
+@pytest.mark.parametrize("name,hq,hkv,d,dtype", [
+    ("shared", 4, 1, 16, torch.float32), ("prefix", 2, 2, 128, torch.float16), ("one_token", 4, 2, 32, torch.bfloat16),
+])  # fmt: skip
+def test_torch_backend_training_on_cpu_runs_the_hand_written_backward(monkeypatch, name, hq, hkv, d, dtype):
+    """Without the interpreter, CPU tensors that want gradients go through the op (reference forward, chunked
+    hand-written backward) instead of autograd through checkpointed chunks; same gradients as the oracle."""
+    monkeypatch.setattr(_ta, "INTERPRET", False)
+    calls = []
+    real = _ta._tree_attention_bwd_torch
+    monkeypatch.setattr(_ta, "_tree_attention_bwd_torch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tree = TRIES[name]()
+    q, k, v, g_out, g_lse = _inputs(tree, hq, hkv, d, dtype)
+    out, lse = tree_attention(q, k, v, tree, backend="torch", scale=0.3)
+    _check_grads(_grads(out, lse, (q, k, v), g_out, g_lse), q, k, v, tree, g_out, g_lse, scale=0.3)
+    assert calls, "the CPU training path did not run the hand-written backward"
+    with torch.no_grad():  # inference stays on the reference itself
+        same = tree_attention(q, k, v, tree, backend="torch", scale=0.3)
+    assert torch.equal(same.out, out.detach()) and torch.equal(same.lse, lse.detach())
 
 
 def test_reference_backward_keeps_one_chunk_not_the_attention_matrix():
