@@ -27,29 +27,15 @@ from credit.packed_student import (
 )
 from credit.rewards import credit_rewards, sdpo_rewards
 from credit_kernels import linear_gather, linear_topk
-from tests.utils import HAS_TEST_TOKENIZER, assert_close_verbose
+from tests.utils import HAS_TEST_TOKENIZER, TINY_FAMILIES, assert_close_verbose, tiny_causal_lm
 
 VOCAB = 300
 TOPK = 5
-FAMILIES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"tie_word_embeddings": True}),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 16, "tie_word_embeddings": True}),
-}
+FAMILIES = TINY_FAMILIES
 
 
 def _tiny(family: str, **overrides):
-    config_cls, model_cls, extra = FAMILIES[family]
-    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
-    kw.update(extra)
-    kw.update(overrides)
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**kw)).train()
-    with torch.no_grad():  # init std 0.02 gives near-uniform logits; sharper ones make errors visible
-        model.get_output_embeddings().weight.mul_(8.0)
-    return model
+    return tiny_causal_lm(family, vocab=VOCAB, train=True, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -20,30 +20,15 @@ from credit.scoring import ATTN_IMPLEMENTATION, TeacherScorer, TeacherScores, Te
 from credit.scoring.chunks import sub_trie
 from credit.templates import TeacherPairs
 from credit_kernels.prefix_trie import build_prefix_trie, gather_sequence_rows
-from tests.utils import TRITON_DEVICE, assert_close_verbose
+from tests.utils import TINY_FAMILIES, TRITON_DEVICE, assert_close_verbose, tiny_causal_lm
 
 VOCAB = 300
-FAMILIES = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
-    # tied embeddings: the scorer must read the head through get_output_embeddings()
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {"tie_word_embeddings": True}),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 16, "tie_word_embeddings": True}),
-}
+FAMILIES = TINY_FAMILIES
 HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def _tiny(family: str, **overrides):
-    config_cls, model_cls, extra = FAMILIES[family]
-    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, attn_implementation="eager")
-    kw.update(extra)
-    kw.update(overrides)
-    torch.manual_seed(0)
-    model = model_cls(config_cls(**kw)).eval()
-    with torch.no_grad():  # init std 0.02 gives near-uniform logits; sharper ones make errors visible
-        model.get_output_embeddings().weight.mul_(8.0)
-    return model
+    return tiny_causal_lm(family, vocab=VOCAB, train=False, **{"attn_implementation": "eager", **overrides})
 
 
 @pytest.fixture(scope="module")

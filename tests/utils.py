@@ -187,3 +187,29 @@ def large_logit_inputs(n=256, d=32, vocab=500):
     weight = torch.randn(vocab, d) / d**0.5 * 100.0
     return hidden, weight
 
+
+
+# tiny random causal LMs of every model family the scorer and the packed student support
+TINY_FAMILIES = {  # family: (config class, model class, extra config) by transformers name
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    # tied embeddings: the head must be read through get_output_embeddings()
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "tie_word_embeddings": True}),
+}
+
+
+def tiny_causal_lm(family: str, *, vocab: int = 300, train: bool = False, **overrides):
+    """A 2-layer random model of `family` (hidden 64, GQA 4:2), seed 0, with an LM head scaled 8x: init std 0.02
+    gives near-uniform logits, sharper ones make errors visible. `overrides` go to the config."""
+    import transformers
+
+    config_name, model_name, extra = TINY_FAMILIES[family]
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, **extra)
+    kw.update(overrides)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**kw)).train(train)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
