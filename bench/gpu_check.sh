@@ -3,7 +3,7 @@
 #   bash bench/gpu_check.sh            # results in $OUT (the device tool's folder) or bench/results/gpu/
 #   STAGES="build tests logprob" bash bench/gpu_check.sh  # a subset, in this order: build tests trainer retest
 #                                                          #   sweep sweep_kernels topk scoring credit_reward tree
-#                                                          #   logprob
+#                                                          #   logprob update trl
 #   RETEST="tests/x.py::test_y ..." STAGES="build retest" bash bench/gpu_check.sh   # full tracebacks of a few tests
 # Each stage has its own timeout, so one slow or broken stage never hides the others. Stage times on an H200
 # (2026-11-27): build 42 s, tests 109 s, sweep 23 s, topk (2 shapes) 91 s, scoring anchors 70 s + sdpo > 100 s,
@@ -13,12 +13,12 @@
 # Peer wheels (liger-kernel, cut-cross-entropy) are installed from ./.whl/ when present (no internet there).
 # The trainer stage needs SmolLM2's tokenizer files (the embedded model's 93 MB wheel is too big to carry):
 #   python -c "from tests.utils import save_test_tokenizer; save_test_tokenizer('.gpu_assets/tokenizer')"
-# then carry .gpu_assets with the call.
+# then carry .gpu_assets with the call. The trl stage needs trl==1.16.0's wheel in ./.whl/ (pip download --no-deps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"build tests trainer sweep sweep_kernels topk scoring credit_reward tree logprob"}
+STAGES=${STAGES:-"build tests trainer sweep sweep_kernels topk scoring credit_reward tree logprob update trl"}
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 start=$(date +%s)
@@ -49,7 +49,7 @@ if has trainer; then
   # the training loop on CUDA (bf16, Triton scoring, fused ops) with a tiny random Llama: every method, resume
   if [ -f .gpu_assets/tokenizer/tokenizer.json ]; then
     CREDIT_TEST_TOKENIZER=$PWD/.gpu_assets/tokenizer timeout 150 $PY -m pytest -q -p no:cacheprovider --timeout 120 \
-      tests/test_trainer.py tests/test_rollouts.py 2>&1 | tail -30
+      tests/test_trainer.py tests/test_rollouts.py tests/test_pipeline.py tests/test_packed_student.py 2>&1 | tail -30
   else
     echo "trainer stage skipped: no .gpu_assets/tokenizer (see the top of this script)"
   fi
@@ -89,5 +89,15 @@ if has logprob; then
   stamp logprob
   timeout 150 $PY bench/bench_logprob.py --no-plot --out "$OUT/logprob.json" \
     --providers ${LOGPROB_PROVIDERS:-matmul,naive,chunked,compiled,liger,cce,credit} ${LOGPROB_ARGS:-}
+fi
+if has update; then
+  stamp update
+  # the student update, packed prompt sharing vs padded, at ANCHORS section 2's shape (Qwen2-1.5B, random, bf16)
+  timeout 300 $PY bench/bench_update.py --workloads gpu --device cuda --no-plot --out "$OUT/update.json"
+fi
+if has trl; then
+  stamp trl
+  # stock TRL SDPOTrainer step vs CreditSDPOTrainer at M = 0, 1, 3 (Qwen2-1.5B-shaped, bf16)
+  TRL_EXPERIMENTAL_SILENCE=1 timeout 300 $PY bench/bench_trl.py --out "$OUT/trl.json"
 fi
 stamp done
