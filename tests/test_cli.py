@@ -79,6 +79,23 @@ def test_debug_flag_and_env_show_the_traceback(tmp_path):
         assert proc.returncode != 0 and "Traceback" in proc.stderr and "--lam must be in [0, 1]" in proc.stderr
 
 
+def test_eval_prints_greedy_interval_sampled_and_shortcut(tiny_model_dir):
+    """credit eval: the task's held-out set (--n-heldout caps it), greedy accuracy with its 95% interval,
+    --sampled K replies per input, and the shortcut rate on a task that has one."""
+    import re
+
+    proc = run_credit("eval", "--model", tiny_model_dir, "--task", "largest_shortcut", "--n-heldout", "6",
+                      "--sampled", "2", "--max-new-tokens", "4", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"held-out accuracy: (\d\.\d{3}) greedy \(95% interval (\d\.\d{3})-(\d\.\d{3})\), "
+                     r"(\d\.\d{3}) sampled \(2 per input\), shortcut rate (\d\.\d{3}) on 6 records of task "
+                     r"largest_shortcut", line)
+    assert m, line
+    acc, lo, hi, sampled, shortcut = map(float, m.groups())
+    assert lo <= acc <= hi and 0 <= sampled <= 1 and 0 <= shortcut <= 1
+
+
 def test_eval_and_viz_errors(tmp_path, tiny_model_dir):
     proc = run_credit("eval", "--model", tiny_model_dir, "--run", str(tmp_path), "--device", "cpu")
     assert_one_line_error(proc, "eval", f"--run {tmp_path}: no checkpoint", after_loading=True)

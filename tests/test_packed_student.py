@@ -282,15 +282,6 @@ def test_unsupported_models_are_refused_clearly(models):
 # ---------------------------------------------------------------------------------------------------------------------
 # The embedded SmolLM2-135M (real weights)
 # ---------------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on 2 shared cores a 135M forward takes 0.2 s with one and 2-7 s with two (spinning)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def test_smollm2_credit_loss_matches_padded(monkeypatch, one_thread):
     from credit.models import EMBEDDED, EMBEDDED_PACKAGE, load_model
 

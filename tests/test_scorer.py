@@ -449,15 +449,6 @@ def _smollm2():
     return load_model(EMBEDDED, device=torch.device("cpu"), dtype=torch.float32)[0]
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on 2 shared cores a 135M forward takes 0.2 s with one and 2-7 s with two (spinning)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def test_smollm2_matches_per_pair_forward(request, monkeypatch, one_thread):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # everything is local; never reach for a hub
     model = _smollm2().eval()

@@ -23,7 +23,7 @@ from credit_kernels.tree_attention import (
 )
 from credit_kernels.tree_attention_bwd import _tree_attention_bwd_torch
 from tests.test_tree_attention import _oracle, _oracle_mask
-from tests.utils import TRITON_DEVICE, assert_close_verbose
+from tests.utils import TRITON_DEVICE, VIEW_KINDS, assert_close_verbose, make_view
 
 needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="needs CUDA or TRITON_INTERPRET=1")
 HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
@@ -373,6 +373,51 @@ def test_torch_backend_training_on_cpu_runs_the_hand_written_backward(monkeypatc
     with torch.no_grad():  # inference stays on the reference itself
         same = tree_attention(q, k, v, tree, backend="torch", scale=0.3)
     assert torch.equal(same.out, out.detach()) and torch.equal(same.lse, lse.detach())
+
+
+@pytest.mark.parametrize("arg", ["q", "k", "v"])
+@pytest.mark.parametrize("kind", [k for k in VIEW_KINDS if k != "contiguous"])
+def test_cpu_training_path_with_views_equals_contiguous(monkeypatch, arg, kind):
+    """The CPU training path (the op's hand-written backward) on a view of q, k or v: the contiguous result,
+    forward and backward."""
+    monkeypatch.setattr(_ta, "INTERPRET", False)
+    tree = TRIES["shared"]()
+    q, k, v, g_out, g_lse = _inputs(tree, 4, 2, 16, torch.float32)
+    base = {"q": q, "k": k, "v": v}
+    view = make_view(base[arg], kind, requires_grad=True)
+    if view is None:
+        pytest.skip(f"{kind} does not apply to a {tuple(base[arg].shape)} tensor")
+    base[arg] = view.detach()  # the view's own values (an expanded view repeats one row)
+    leaves = {n: x.contiguous().requires_grad_(True) for n, x in base.items()}
+    args = {**{n: x.clone().requires_grad_(True) for n, x in base.items()}, arg: view}
+    want = tree_attention(leaves["q"], leaves["k"], leaves["v"], tree, backend="torch", scale=0.3)
+    got = tree_attention(args["q"], args["k"], args["v"], tree, backend="torch", scale=0.3)
+    assert torch.equal(got.out, want.out) and torch.equal(got.lse, want.lse)
+    g_want = torch.autograd.grad((want.out * g_out).sum() + (want.lse * g_lse).sum(), list(leaves.values()))
+    g_got = torch.autograd.grad((got.out * g_out).sum() + (got.lse * g_lse).sum(), [args[n] for n in "qkv"])
+    for n, a, e in zip("qkv", g_got, g_want):
+        assert_close_verbose(a, e, atol=1e-6, name=f"d{n} ({arg} {kind})")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_training_path_under_autocast(monkeypatch, dtype):
+    """Under CPU autocast the CPU training path computes from the autocast dtype, as scaled_dot_product_attention
+    does: the same output and gradients as calling it on inputs cast to that dtype; gradients in fp32 leaves' dtype."""
+    monkeypatch.setattr(_ta, "INTERPRET", False)
+    tree = TRIES["prefix"]()
+    q, k, v, g_out, g_lse = _inputs(tree, 4, 2, 16, torch.float32)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    with torch.autocast("cpu", dtype=dtype):
+        got = tree_attention(*leaves, tree, backend="torch", scale=0.3)
+    assert got.out.dtype == dtype and got.lse.dtype == torch.float32
+    cast = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]
+    want = tree_attention(*cast, tree, backend="torch", scale=0.3)
+    assert torch.equal(got.out, want.out) and torch.equal(got.lse, want.lse)
+    g_got = torch.autograd.grad((got.out.float() * g_out).sum() + (got.lse * g_lse).sum(), leaves)
+    g_want = torch.autograd.grad((want.out.float() * g_out).sum() + (want.lse * g_lse).sum(), cast)
+    for n, a, e in zip("qkv", g_got, g_want):
+        assert a.dtype == torch.float32
+        assert_close_verbose(a, e.float(), atol=1e-6, name=f"d{n}")
 
 
 def test_reference_backward_keeps_one_chunk_not_the_attention_matrix():
