@@ -37,9 +37,9 @@ import torch
 
 from credit.losses import ContrastiveTeacher, contrastive_teacher_topk
 from credit.pairing import partners as draw_partners
-from credit.rewards import sdpo_rewards
+from credit.rewards import BASELINES, sdpo_rewards
 from credit.scoring import TeacherScorer
-from credit.templates import DEFAULT_TEMPLATE, TeacherPairs, build_teacher_pairs, select_feedback
+from credit.templates import DEFAULT_TEMPLATE, SWAPS, TeacherPairs, build_teacher_pairs, select_feedback
 from credit_kernels import credit_reward
 
 __all__ = ["CreditTeacher", "RolloutBatch", "TeacherLogprobs", "TokenRewards", "TopkTeacher"]
@@ -237,9 +237,9 @@ class CreditTeacher:
             raise ValueError(f"{fn}: lam must be a number in [0, 1]; got {lam!r}")
         if isinstance(num_partners, bool) or not isinstance(num_partners, int) or num_partners < 1:
             raise ValueError(f"{fn}: num_partners must be an int >= 1; got {num_partners!r}")
-        if baseline not in ("mean", "logmeanexp"):
+        if baseline not in BASELINES:
             raise ValueError(f"{fn}: baseline must be 'mean' or 'logmeanexp'; got {baseline!r}")
-        if swap not in ("input", "context"):
+        if swap not in SWAPS:
             raise ValueError(f"{fn}: swap must be 'input' or 'context'; got {swap!r}")
         if not callable(getattr(template, "render", None)):
             raise TypeError(f"{fn}: template must have a render(prompt, solution, feedback) -> str method (e.g. a "

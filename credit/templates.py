@@ -46,6 +46,8 @@ __all__ = [
     "strip_think",
 ]
 
+SWAPS = ("input", "context")  # what the shuffled context swaps: the prompt x, or the feedback context c
+
 
 @dataclass(frozen=True)
 class TeacherTemplate:
@@ -379,7 +381,7 @@ def build_teacher_pairs(
         TeacherPairs. Responses with neither solution nor feedback (mask 0) get no pairs.
     """
     fn = "build_teacher_pairs"
-    if swap not in ("input", "context"):
+    if swap not in SWAPS:
         raise ValueError(f"{fn}: swap must be 'input' or 'context'; got {swap!r}")
     gids = _group_list(fn, group_ids)
     num = len(gids)

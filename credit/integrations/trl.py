@@ -53,9 +53,10 @@ from trl.trainer.utils import pad, selective_log_softmax
 from credit.packed_student import packed_unsupported
 from credit.pairing import partners as draw_partners
 from credit.pipeline import CreditTeacher, TeacherLogprobs, TopkTeacher
+from credit.rewards import BASELINES
 from credit.scoring.attention import TreeState, tree_attention_active
 from credit.scoring.chunks import pred_index
-from credit.templates import TeacherPairs
+from credit.templates import SWAPS, TeacherPairs
 from credit_kernels.linear_logprob import linear_logprob
 from credit_kernels.linear_topk import linear_topk
 from credit_kernels.prefix_trie import build_prefix_trie
@@ -64,8 +65,6 @@ from credit_kernels.tree_attention import tree_attention_plan
 __all__ = ["CreditSDPOConfig", "CreditSDPOTrainer"]
 
 _SCORING = ("packed", "trl")
-_BASELINES = ("mean", "logmeanexp")
-_SWAPS = ("input", "context")
 
 
 @dataclass
@@ -122,10 +121,10 @@ class CreditSDPOConfig(SDPOConfig):
             raise ValueError(f"`num_partners` must be an int >= 0, got {self.num_partners!r}.")
         if self.lam > 0 and self.num_partners == 0:
             raise ValueError(f"`lam={self.lam}` needs `num_partners >= 1` shuffled teachers; use lam=0 for SDPO.")
-        if self.baseline not in _BASELINES:
-            raise ValueError(f"`baseline` must be one of {_BASELINES}, got {self.baseline!r}.")
-        if self.swap not in _SWAPS:
-            raise ValueError(f"`swap` must be one of {_SWAPS}, got {self.swap!r}.")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"`baseline` must be one of {BASELINES}, got {self.baseline!r}.")
+        if self.swap not in SWAPS:
+            raise ValueError(f"`swap` must be one of {SWAPS}, got {self.swap!r}.")
         if self.teacher_scoring not in _SCORING:
             raise ValueError(f"`teacher_scoring` must be one of {_SCORING}, got {self.teacher_scoring!r}.")
         if self.distillation_mode == "full_logits":

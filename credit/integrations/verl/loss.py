@@ -39,7 +39,8 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.config import DistillationLossConfig
 from verl.workers.utils.padding import no_padding_2_padding
 
-from credit.rewards import credit_rewards, sdpo_rewards
+from credit.rewards import BASELINES, credit_rewards, sdpo_rewards
+from credit.templates import SWAPS
 
 __all__ = [
     "CREDIT_LOSS_NAME",
@@ -56,8 +57,6 @@ FIELD_TEACHER = "credit_teacher_logprobs"
 FIELD_SHUFFLED = "credit_shuffled_logprobs"
 FIELD_MASK = "credit_teacher_mask"
 
-_BASELINES = ("mean", "logmeanexp")
-_SWAPS = ("input", "context")
 _TEACHERS = ("frozen", "live")
 
 
@@ -105,10 +104,10 @@ class CreditLossConfig(DistillationLossConfig):
             )
         if isinstance(self.lam, bool) or not isinstance(self.lam, numbers.Real) or not 0.0 <= float(self.lam) <= 1.0:
             raise ValueError(f"{fn}: lam must be a number in [0, 1] (0 = SDPO); got {self.lam!r}")
-        if self.baseline not in _BASELINES:
-            raise ValueError(f"{fn}: baseline must be one of {_BASELINES}; got {self.baseline!r}")
-        if self.swap not in _SWAPS:
-            raise ValueError(f"{fn}: swap must be one of {_SWAPS}; got {self.swap!r}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"{fn}: baseline must be one of {BASELINES}; got {self.baseline!r}")
+        if self.swap not in SWAPS:
+            raise ValueError(f"{fn}: swap must be one of {SWAPS}; got {self.swap!r}")
         if self.teacher not in _TEACHERS:
             raise ValueError(
                 f"{fn}: teacher must be one of {_TEACHERS} (verl has no EMA teacher; see docs/verl.md); "
