@@ -317,14 +317,19 @@ def decide(summary: dict) -> dict:
     """The pre-registered rule (bench/STUDY.md): the CREDIT config with the highest mean over tasks of its mean
     sampled TRAINING accuracy over steps SELECT_STEPS; then the goals, checked on the held-out split."""
     tasks = summary["tasks"]
+    # a partial study picks nothing: the rule averages over every task of the protocol, not the ones run so far
+    missing = [t for t in TASKS if t not in tasks]
+    runs = {t: {c: len(tasks[t]["configs"][c]["seeds"]) for c in tasks[t]["configs"]} for t in tasks}
+    complete = not missing and all(runs[t].get(c, 0) >= 3 for t in TASKS for c in CONFIGS)
     scores = {}
     for name in (c for c in CONFIGS if c.startswith("credit")):
-        vals = [t["configs"][name]["train/accuracy window"]["mean"] for t in tasks.values()
-                if name in t["configs"] and "train/accuracy window" in t["configs"][name]]
-        if len(vals) == len(tasks) and vals:
+        vals = [tasks[t]["configs"][name]["train/accuracy window"]["mean"] for t in TASKS
+                if t in tasks and name in tasks[t]["configs"] and "train/accuracy window" in tasks[t]["configs"][name]]
+        if len(vals) == len(TASKS):
             scores[name] = sum(vals) / len(vals)
     if not scores:
-        return {"pick": None, "why": "no CREDIT config has finished runs on every task"}
+        return {"pick": None, "complete": False, "missing_tasks": missing, "runs": runs,
+                "why": "no CREDIT config has finished runs on every task of the protocol"}
     pick = max(scores, key=lambda c: (round(scores[c], 6), -list(CONFIGS).index(c)))
     goals = {}
     for task, t in tasks.items():
@@ -339,7 +344,7 @@ def decide(summary: dict) -> dict:
             g[f"shortcut rate < {twin}"] = (rows[pick]["task/shortcut_rate window"]["mean"]
                                             < rows[twin]["task/shortcut_rate window"]["mean"])
         goals[task] = g
-    return {"pick": pick, "selection_score": scores, "goals": goals}
+    return {"pick": pick, "complete": complete, "runs": runs, "selection_score": scores, "goals": goals}
 
 
 def plot(summary: dict, out_prefix: str) -> list[str]:
@@ -363,14 +368,16 @@ def plot(summary: dict, out_prefix: str) -> list[str]:
                     continue
                 xs = [int(s) for s in row[key]]
                 m = [row[key][s]["mean"] for s in row[key]]
-                lo = [row[key][s]["lo"] for s in row[key]]
-                hi = [row[key][s]["hi"] for s in row[key]]
+                # every curve is a rate: a t band from 2-3 seeds can leave [0, 1], the plot clips it (the JSON keeps it)
+                lo = [max(0.0, row[key][s]["lo"]) for s in row[key]]
+                hi = [min(1.0, row[key][s]["hi"]) for s in row[key]]
                 style = "-" if "mu0.5" in config or config == "grpo" else ("--" if "topk" in config else ":")
                 ax.plot(xs, m, style, color=f"C{i}", marker="o" if len(xs) < 8 else None, ms=3,
                         label=f"{config} (n={len(row['seeds'])})")
                 ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.12)
             ax.set_title(f"{task}: {title}", fontsize=9)
             ax.set_xlabel("step")
+            ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=6)
         fig.tight_layout()

@@ -68,7 +68,8 @@ def _docs():
     return docs
 
 
-def test_summarize_means_intervals_paired_and_decision():
+def test_summarize_means_intervals_paired_and_decision(monkeypatch):
+    monkeypatch.setattr(study, "TASKS", {"largest_shortcut": study.TASKS["largest_shortcut"]})
     summary = study.summarize(_docs())
     rows = summary["tasks"]["largest_shortcut"]["configs"]
     credit = rows["credit_lam0.5_mu0"]
@@ -95,19 +96,31 @@ def test_summarize_means_intervals_paired_and_decision():
     assert goals["greedy_gain >= sdpo_mu0"] and goals["greedy_gain >= grpo"] and goals["shortcut rate < sdpo_mu0"]
 
 
-def test_decision_needs_every_task_and_never_reads_held_out():
+def test_decision_needs_every_task_and_never_reads_held_out(monkeypatch):
     docs = _docs()
+    # the full protocol: runs on one task of four pick nothing
+    dec = study.summarize(docs)["decision"]
+    assert dec["pick"] is None and not dec["complete"] and "largest" in dec["missing_tasks"]
+    assert dec["runs"]["largest_shortcut"]["grpo"] == 3
+    monkeypatch.setattr(study, "TASKS", {t: study.TASKS[t] for t in ("largest_shortcut", "largest")})
     # make the held-out gain of lam=1 enormous: the pick (training accuracy) must not change
     for d in docs:
         if d["config"] == "credit_lam1_mu0":
             d["summary"]["eval_results"][-1][1]["greedy"] = 1.0
-    assert study.summarize(docs)["decision"]["pick"] == "credit_lam0.5_mu0"
+    docs += [_doc("largest", c, s, [0.3, 0.4, 0.5], [0.2, 0.3, 0.4], lambda st: 0.5) for c in ("credit_lam0.5_mu0",
+             "credit_lam1_mu0") for s in range(3)]
+    dec = study.summarize(docs)["decision"]
+    assert dec["pick"] == "credit_lam0.5_mu0" and not dec["complete"]  # 4 of 10 configs run
+    docs = [d for d in docs if not (d["task"] == "largest" and d["config"] == "credit_lam0.5_mu0")]
+    assert study.summarize(docs)["decision"]["pick"] == "credit_lam1_mu0"  # the only one run on every task
+    docs = [d for d in docs if d["task"] != "largest"]
     docs.append(_doc("largest", "grpo", 0, [0.5, 0.6, 0.7], [0.4, 0.5, 0.6], lambda st: 0.5))
     dec = study.summarize(docs)["decision"]
     assert dec["pick"] is None and "every task" in dec["why"]
 
 
 def test_aggregate_writes_summary_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "TASKS", {"largest_shortcut": study.TASKS["largest_shortcut"]})
     out_dir = tmp_path / "runs"
     out_dir.mkdir()
     for d in _docs():
