@@ -389,6 +389,48 @@ def plot(summary: dict, out_prefix: str) -> list[str]:
     return paths
 
 
+def markdown(summary: dict) -> str:
+    """The README's tables: per task, one row per config (mean over seeds [95% t interval]) and the paired
+    differences; written next to study_summary.json so the README quotes the code's numbers, not hand copies."""
+
+    def ci(r: dict | None) -> str:
+        return "-" if r is None else f"{r['mean']:+.3f} [{r['lo']:+.2f}, {r['hi']:+.2f}]"
+
+    def level(r: dict | None) -> str:
+        return "-" if r is None else f"{r['mean']:.3f} [{max(0.0, r['lo']):.2f}, {min(1.0, r['hi']):.2f}]"
+
+    lines = []
+    for task, t in summary["tasks"].items():
+        shortcut = task == "largest_shortcut"
+        lines += [f"**{task}**", "",
+                  "| config | seeds | greedy, step 0 -> 20 | greedy gain | sampled gain | train accuracy, steps 11-20"
+                  + (" | shortcut rate, steps 11-20 |" if shortcut else " |"),
+                  "|---|---|---|---|---|---" + ("|---|" if shortcut else "|")]
+        for config in (c for c in CONFIGS if c in t["configs"]):
+            row = t["configs"][config]
+            curve = row.get("greedy", {})
+            ends = f"{curve[min(curve, key=int)]['mean']:.3f} -> {curve[max(curve, key=int)]['mean']:.3f}" if curve else "-"
+            cells = [config, ",".join(map(str, row["seeds"])), ends, ci(row.get("greedy_gain")),
+                     ci(row.get("sampled_gain")), level(row.get("train/accuracy window"))]
+            if shortcut:
+                cells.append(level(row.get("task/shortcut_rate window")))
+            lines.append("| " + " | ".join(cells) + " |")
+        if t["paired"]:
+            lines += ["", "| paired, same seeds | seeds | greedy gain diff | sampled gain diff"
+                      + (" | shortcut rate diff |" if shortcut else " |"), "|---|---|---|---" + ("|---|" if shortcut else "|")]
+            for name, cmp in t["paired"].items():
+                cells = [name, ",".join(map(str, cmp["seeds"])), ci(cmp.get("greedy_gain_diff")),
+                         ci(cmp.get("sampled_gain_diff"))]
+                if shortcut:
+                    cells.append(ci(cmp.get("shortcut_rate_diff")))
+                lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    dec = summary["decision"]
+    lines.append(f"Decision rule: pick {dec.get('pick')}; complete study: {dec.get('complete', False)}"
+                 + (f"; tasks not yet run: {', '.join(dec['missing_tasks'])}" if dec.get("missing_tasks") else ""))
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # the command line
 # ---------------------------------------------------------------------------------------------
@@ -430,7 +472,9 @@ def main(argv=None) -> int:
         path = os.path.join(RESULTS, "study_summary.json")
         with open(path, "w") as f:
             json.dump(summary, f, indent=1)
-        print(f"wrote {path} ({len(docs)} runs); decision: {summary['decision'].get('pick')}")
+        with open(os.path.join(RESULTS, "study_summary.md"), "w") as f:
+            f.write(markdown(summary))
+        print(f"wrote {path} and study_summary.md ({len(docs)} runs); decision: {summary['decision'].get('pick')}")
         plot(summary, os.path.join(RESULTS, "study"))
         return 0
     items = select(queue(tasks, configs, seeds), part)

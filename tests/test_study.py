@@ -130,6 +130,10 @@ def test_aggregate_writes_summary_and_plots(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "study_summary.json").read_text())
     assert summary["decision"]["pick"] == "credit_lam0.5_mu0"
     assert (tmp_path / "study_largest_shortcut.png").stat().st_size > 1000
+    table = (tmp_path / "study_summary.md").read_text()
+    gain = summary["tasks"]["largest_shortcut"]["configs"]["credit_lam0.5_mu0"]["greedy_gain"]
+    assert f"| credit_lam0.5_mu0 | 0,1,2 | 0.300 -> " in table and f"{gain['mean']:+.3f}" in table
+    assert "| credit_lam0.5_mu0 - sdpo_mu0 | 0,1,2 |" in table and "shortcut rate, steps 11-20" in table
     with pytest.raises(ValueError, match="no run JSON"):
         study.main(["--aggregate", "--out-dir", str(tmp_path / "empty")])
 
