@@ -368,9 +368,7 @@ def plot(summary: dict, out_prefix: str) -> list[str]:
                     continue
                 xs = [int(s) for s in row[key]]
                 m = [row[key][s]["mean"] for s in row[key]]
-                # every curve is a rate: a t band from 2-3 seeds can leave [0, 1], the plot clips it (the JSON keeps it)
-                lo = [max(0.0, row[key][s]["lo"]) for s in row[key]]
-                hi = [min(1.0, row[key][s]["hi"]) for s in row[key]]
+                lo, hi = zip(*(_unit(row[key][s]["lo"], row[key][s]["hi"]) for s in row[key]))
                 style = "-" if "mu0.5" in config or config == "grpo" else ("--" if "topk" in config else ":")
                 ax.plot(xs, m, style, color=f"C{i}", marker="o" if len(xs) < 8 else None, ms=3,
                         label=f"{config} (n={len(row['seeds'])})")
@@ -389,6 +387,15 @@ def plot(summary: dict, out_prefix: str) -> list[str]:
     return paths
 
 
+def _unit(lo: float, hi: float) -> tuple[float, float]:
+    """A rate's t interval from 2-3 seeds can leave [0, 1]: clipped for display (the JSON keeps it)."""
+    return max(0.0, lo), min(1.0, hi)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def markdown(summary: dict) -> str:
     """The README's tables: per task, one row per config (mean over seeds [95% t interval]) and the paired
     differences; written next to study_summary.json so the README quotes the code's numbers, not hand copies."""
@@ -397,33 +404,28 @@ def markdown(summary: dict) -> str:
         return "-" if r is None else f"{r['mean']:+.3f} [{r['lo']:+.2f}, {r['hi']:+.2f}]"
 
     def level(r: dict | None) -> str:
-        return "-" if r is None else f"{r['mean']:.3f} [{max(0.0, r['lo']):.2f}, {min(1.0, r['hi']):.2f}]"
+        return "-" if r is None else "{:.3f} [{:.2f}, {:.2f}]".format(r["mean"], *_unit(r["lo"], r["hi"]))
 
     lines = []
     for task, t in summary["tasks"].items():
-        shortcut = task == "largest_shortcut"
-        lines += [f"**{task}**", "",
-                  "| config | seeds | greedy, step 0 -> 20 | greedy gain | sampled gain | train accuracy, steps 11-20"
-                  + (" | shortcut rate, steps 11-20 |" if shortcut else " |"),
-                  "|---|---|---|---|---|---" + ("|---|" if shortcut else "|")]
+        shortcut = task == "largest_shortcut"  # the one task whose tables carry the shortcut columns
+        rows = []
         for config in (c for c in CONFIGS if c in t["configs"]):
             row = t["configs"][config]
             curve = row.get("greedy", {})
             ends = f"{curve[min(curve, key=int)]['mean']:.3f} -> {curve[max(curve, key=int)]['mean']:.3f}" if curve else "-"
-            cells = [config, ",".join(map(str, row["seeds"])), ends, ci(row.get("greedy_gain")),
-                     ci(row.get("sampled_gain")), level(row.get("train/accuracy window"))]
-            if shortcut:
-                cells.append(level(row.get("task/shortcut_rate window")))
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append([config, ",".join(map(str, row["seeds"])), ends, ci(row.get("greedy_gain")),
+                         ci(row.get("sampled_gain")), level(row.get("train/accuracy window"))]
+                        + ([level(row.get("task/shortcut_rate window"))] if shortcut else []))
+        lines += [f"**{task}**", ""] + _table(
+            ["config", "seeds", "greedy, step 0 -> 20", "greedy gain", "sampled gain", "train accuracy, steps 11-20"]
+            + (["shortcut rate, steps 11-20"] if shortcut else []), rows)
         if t["paired"]:
-            lines += ["", "| paired, same seeds | seeds | greedy gain diff | sampled gain diff"
-                      + (" | shortcut rate diff |" if shortcut else " |"), "|---|---|---|---" + ("|---|" if shortcut else "|")]
-            for name, cmp in t["paired"].items():
-                cells = [name, ",".join(map(str, cmp["seeds"])), ci(cmp.get("greedy_gain_diff")),
-                         ci(cmp.get("sampled_gain_diff"))]
-                if shortcut:
-                    cells.append(ci(cmp.get("shortcut_rate_diff")))
-                lines.append("| " + " | ".join(cells) + " |")
+            pairs = [[name, ",".join(map(str, cmp["seeds"])), ci(cmp.get("greedy_gain_diff")),
+                      ci(cmp.get("sampled_gain_diff"))] + ([ci(cmp.get("shortcut_rate_diff"))] if shortcut else [])
+                     for name, cmp in t["paired"].items()]
+            lines += [""] + _table(["paired, same seeds", "seeds", "greedy gain diff", "sampled gain diff"]
+                                   + (["shortcut rate diff"] if shortcut else []), pairs)
         lines.append("")
     dec = summary["decision"]
     lines.append(f"Decision rule: pick {dec.get('pick')}; complete study: {dec.get('complete', False)}"
