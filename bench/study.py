@@ -55,6 +55,8 @@ TASKS = {
     "largest_shortcut": dict(task="largest_shortcut"),
     "mcq_plain": dict(task="mcq_plain", data=_MCQ.format("train"), eval_data=_MCQ.format("heldout")),
 }
+# the tasks with an input-generic shortcut: their runs log task/shortcut_rate, their tables and plots show it
+SHORTCUT_TASKS = frozenset({"largest_shortcut"})
 
 CONFIGS = {
     "grpo": dict(method="grpo"),
@@ -340,7 +342,7 @@ def decide(summary: dict) -> dict:
                     if key in rows[pick] and key in rows[other]:
                         g[f"{key} >= {other}"] = rows[pick][key]["mean"] >= rows[other][key]["mean"]
         twin = SDPO_TWIN[pick]
-        if task == "largest_shortcut" and twin in rows and "task/shortcut_rate window" in rows.get(pick, {}):
+        if task in SHORTCUT_TASKS and twin in rows and "task/shortcut_rate window" in rows.get(pick, {}):
             g[f"shortcut rate < {twin}"] = (rows[pick]["task/shortcut_rate window"]["mean"]
                                             < rows[twin]["task/shortcut_rate window"]["mean"])
         goals[task] = g
@@ -359,7 +361,7 @@ def plot(summary: dict, out_prefix: str) -> list[str]:
     for task, t in summary["tasks"].items():
         panels = [("greedy", "held-out accuracy, greedy"), ("sampled", "held-out accuracy, sampled"),
                   ("train/accuracy", "training accuracy (rollouts)")]
-        if task == "largest_shortcut":
+        if task in SHORTCUT_TASKS:
             panels.append(("task/shortcut_rate", "shortcut rate (rollouts)"))
         fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
         for ax, (key, title) in zip(axes[0], panels):
@@ -408,7 +410,7 @@ def markdown(summary: dict) -> str:
 
     lines = []
     for task, t in summary["tasks"].items():
-        shortcut = task == "largest_shortcut"  # the one task whose tables carry the shortcut columns
+        shortcut = task in SHORTCUT_TASKS
         rows = []
         for config in (c for c in CONFIGS if c in t["configs"]):
             row = t["configs"][config]
