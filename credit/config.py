@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from credit.options import method_option_error
+
 METHODS = ("grpo", "sdpo", "credit")
 LEVELS = ("token", "topk")
 TEACHERS = ("ema", "frozen", "live")
@@ -107,12 +109,10 @@ class TrainConfig:
             bad("level", f"must be one of {LEVELS}")
         if self.teacher not in TEACHERS:
             bad("teacher", f"must be one of {TEACHERS}")
-        if self.baseline not in ("mean", "logmeanexp"):
-            bad("baseline", "must be mean or logmeanexp")
-        if self.swap not in ("input", "context"):
-            bad("swap", "must be input or context")
-        if not 0.0 <= self.lam <= 1.0:
-            bad("lam", "must be in [0, 1]")
+        wrong = method_option_error(lam=self.lam, num_partners=self.num_partners, baseline=self.baseline,
+                                    swap=self.swap)
+        if wrong:
+            bad(*wrong)
         if not 0.0 <= self.mu <= 1.0:
             bad("mu", "must be in [0, 1]")
         if not 0.0 <= self.alpha <= 1.0:
@@ -120,7 +120,7 @@ class TrainConfig:
         if not 0.0 < self.ema_rate <= 1.0:
             bad("ema_rate", "must be in (0, 1]")
         for name in ("prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "micro_batch", "max_steps",
-                     "topk", "num_partners", "score_max_tokens"):
+                     "topk", "score_max_tokens"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         for name in ("eval_every", "save_every", "sample_every", "eval_max", "n_heldout", "eval_sampled"):

@@ -37,9 +37,10 @@ import torch
 
 from credit.losses import ContrastiveTeacher, contrastive_teacher_topk
 from credit.pairing import partners as draw_partners
-from credit.rewards import BASELINES, sdpo_rewards
+from credit.options import method_option_error
+from credit.rewards import sdpo_rewards
 from credit.scoring import TeacherScorer
-from credit.templates import DEFAULT_TEMPLATE, SWAPS, TeacherPairs, build_teacher_pairs, select_feedback
+from credit.templates import DEFAULT_TEMPLATE, TeacherPairs, build_teacher_pairs, select_feedback
 from credit_kernels import credit_reward
 
 __all__ = ["CreditTeacher", "RolloutBatch", "TeacherLogprobs", "TokenRewards", "TopkTeacher"]
@@ -233,14 +234,10 @@ class CreditTeacher:
         fn = "CreditTeacher"
         if method not in METHODS:
             raise ValueError(f"{fn}: method must be one of {METHODS}; got {method!r}")
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
-            raise ValueError(f"{fn}: lam must be a number in [0, 1]; got {lam!r}")
-        if isinstance(num_partners, bool) or not isinstance(num_partners, int) or num_partners < 1:
-            raise ValueError(f"{fn}: num_partners must be an int >= 1; got {num_partners!r}")
-        if baseline not in BASELINES:
-            raise ValueError(f"{fn}: baseline must be 'mean' or 'logmeanexp'; got {baseline!r}")
-        if swap not in SWAPS:
-            raise ValueError(f"{fn}: swap must be 'input' or 'context'; got {swap!r}")
+        options = dict(lam=lam, num_partners=num_partners, baseline=baseline, swap=swap)
+        wrong = method_option_error(**options)
+        if wrong:
+            raise ValueError(f"{fn}: {wrong[0]} {wrong[1]}; got {options[wrong[0]]!r}")
         if not callable(getattr(template, "render", None)):
             raise TypeError(f"{fn}: template must have a render(prompt, solution, feedback) -> str method (e.g. a "
                             f"credit.TeacherTemplate); got {type(template).__name__}")

@@ -43,7 +43,6 @@ import torch
 
 # The validators and the oracle live with the kernels (credit_kernels stands alone); the names below are what
 # credit.losses imports.
-from credit_kernels._core import BASELINES  # noqa: F401  (the baselines every caller checks against)
 from credit_kernels._core import check_baseline as _check_baseline
 from credit_kernels._core import check_devices as _check_devices
 from credit_kernels._core import check_finite as _check_finite

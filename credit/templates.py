@@ -34,6 +34,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from credit.options import SWAPS
+
 __all__ = [
     "DEFAULT_TEMPLATE",
     "FeedbackSelection",
@@ -46,7 +48,6 @@ __all__ = [
     "strip_think",
 ]
 
-SWAPS = ("input", "context")  # what the shuffled context swaps: the prompt x, or the feedback context c
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def assert_one_line_error(proc, command: str, *needles: str, after_loading: bool
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--lam", "2"], ["--lam must be in [0, 1], got 2.0"]),
+    (["--lam", "2"], ["--lam must be a number in [0, 1]", "got 2.0"]),
     (["--prompts-per-step", "1"], ["--prompts-per-step must be >= 2", "--method sdpo"]),
     (["--method", "foo"], ["--method must be one of"]),
     (["--lam", "abc"], ["argument --lam: invalid float value: 'abc'", "credit train --help"]),
@@ -76,7 +76,7 @@ def test_a_directory_that_is_not_a_model_says_what_is_missing(tmp_path):
 def test_debug_flag_and_env_show_the_traceback(tmp_path):
     for proc in (run_credit("train", "--lam", "2", "--debug"), run_credit("--debug", "train", "--lam", "2"),
                  run_credit("train", "--lam", "2", env_extra={"CREDIT_DEBUG": "1"})):
-        assert proc.returncode != 0 and "Traceback" in proc.stderr and "--lam must be in [0, 1]" in proc.stderr
+        assert proc.returncode != 0 and "Traceback" in proc.stderr and "--lam must be a number in [0, 1]" in proc.stderr
 
 
 def test_eval_prints_greedy_interval_sampled_and_shortcut(tiny_model_dir):

@@ -114,7 +114,7 @@ def test_resume_with_other_settings_is_refused(tiny_model_dir, tmp_path):
 def test_bad_config_and_input(tiny_model_dir, tmp_path):
     from credit.trainer import train
 
-    with pytest.raises(ValueError, match="`lam` must be in"):
+    with pytest.raises(ValueError, match=r"`lam` must be a number in \[0, 1\]"):
         TrainConfig(lam=1.5)
     with pytest.raises(ValueError, match="prompts_per_step must be >= 2"):
         TrainConfig(method="credit", prompts_per_step=1)

@@ -53,10 +53,10 @@ from trl.trainer.utils import pad, selective_log_softmax
 from credit.packed_student import packed_unsupported
 from credit.pairing import partners as draw_partners
 from credit.pipeline import CreditTeacher, TeacherLogprobs, TopkTeacher
-from credit.rewards import BASELINES
+from credit.options import method_option_error
 from credit.scoring.attention import TreeState, tree_attention_active
 from credit.scoring.chunks import pred_index
-from credit.templates import SWAPS, TeacherPairs
+from credit.templates import TeacherPairs
 from credit_kernels.linear_logprob import linear_logprob
 from credit_kernels.linear_topk import linear_topk
 from credit_kernels.prefix_trie import build_prefix_trie
@@ -115,16 +115,10 @@ class CreditSDPOConfig(SDPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"`lam` must be a number in [0, 1], got {self.lam!r}.")
-        if isinstance(self.num_partners, bool) or not isinstance(self.num_partners, int) or self.num_partners < 0:
-            raise ValueError(f"`num_partners` must be an int >= 0, got {self.num_partners!r}.")
-        if self.lam > 0 and self.num_partners == 0:
-            raise ValueError(f"`lam={self.lam}` needs `num_partners >= 1` shuffled teachers; use lam=0 for SDPO.")
-        if self.baseline not in BASELINES:
-            raise ValueError(f"`baseline` must be one of {BASELINES}, got {self.baseline!r}.")
-        if self.swap not in SWAPS:
-            raise ValueError(f"`swap` must be one of {SWAPS}, got {self.swap!r}.")
+        wrong = method_option_error(lam=self.lam, num_partners=self.num_partners, baseline=self.baseline,
+                                    swap=self.swap, min_partners=0)
+        if wrong:
+            raise ValueError(f"`{wrong[0]}` {wrong[1]}, got {getattr(self, wrong[0])!r}.")
         if self.teacher_scoring not in _SCORING:
             raise ValueError(f"`teacher_scoring` must be one of {_SCORING}, got {self.teacher_scoring!r}.")
         if self.distillation_mode == "full_logits":

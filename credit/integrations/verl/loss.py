@@ -39,8 +39,8 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.config import DistillationLossConfig
 from verl.workers.utils.padding import no_padding_2_padding
 
-from credit.rewards import BASELINES, credit_rewards, sdpo_rewards
-from credit.templates import SWAPS
+from credit.options import method_option_error
+from credit.rewards import credit_rewards, sdpo_rewards
 
 __all__ = [
     "CREDIT_LOSS_NAME",
@@ -102,22 +102,15 @@ class CreditLossConfig(DistillationLossConfig):
                 f"{fn}: use_policy_gradient must be True (CREDIT's token rewards enter verl's policy loss as "
                 "advantages; backpropagating -r directly would give a gradient that ignores the teacher); got False"
             )
-        if isinstance(self.lam, bool) or not isinstance(self.lam, numbers.Real) or not 0.0 <= float(self.lam) <= 1.0:
-            raise ValueError(f"{fn}: lam must be a number in [0, 1] (0 = SDPO); got {self.lam!r}")
-        if self.baseline not in BASELINES:
-            raise ValueError(f"{fn}: baseline must be one of {BASELINES}; got {self.baseline!r}")
-        if self.swap not in SWAPS:
-            raise ValueError(f"{fn}: swap must be one of {SWAPS}; got {self.swap!r}")
+        wrong = method_option_error(lam=self.lam, num_partners=self.num_partners, baseline=self.baseline,
+                                    swap=self.swap, min_partners=0)
+        if wrong:
+            raise ValueError(f"{fn}: {wrong[0]} {wrong[1]}; got {getattr(self, wrong[0])!r}")
         if self.teacher not in _TEACHERS:
             raise ValueError(
                 f"{fn}: teacher must be one of {_TEACHERS} (verl has no EMA teacher; see docs/verl.md); "
                 f"got {self.teacher!r}"
             )
-        m = self.num_partners
-        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 0:
-            raise ValueError(f"{fn}: num_partners must be an int >= 0; got {m!r}")
-        if m == 0 and float(self.lam) > 0:
-            raise ValueError(f"{fn}: num_partners = 0 means no shuffled teacher: use lam=0 (SDPO) or num_partners >= 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"{fn}: seed must be an int; got {self.seed!r}")
 
