@@ -40,7 +40,7 @@ from verl.workers.config import DistillationLossConfig
 from verl.workers.utils.padding import no_padding_2_padding
 
 from credit.options import method_option_error
-from credit.rewards import credit_rewards, sdpo_rewards
+from credit.pipeline import CreditTeacher, TeacherLogprobs
 
 __all__ = [
     "CREDIT_LOSS_NAME",
@@ -164,10 +164,12 @@ def credit_distillation_loss(
             got = None if shuffled is None else tuple(shuffled.shape)
             raise ValueError(f"credit_distillation_loss: lam = {lam} needs {FIELD_SHUFFLED} of shape [B, T, M >= 1]; "
                              f"got {got}")
-        rewards = credit_rewards(aligned, shuffled.permute(2, 0, 1), student, mask, lam=lam, baseline=baseline,
-                                 check_inputs=False)
+        shuffled = shuffled.permute(2, 0, 1)  # [M, B, T]
     else:
-        rewards = sdpo_rewards(aligned, student, mask, check_inputs=False)
+        shuffled = aligned.new_zeros((0, *aligned.shape))
+    # the pipeline's own reward step (the fused credit_reward op), as the compact trainer and TRL run it
+    teacher = CreditTeacher(None, None, method="credit" if lam > 0 else "sdpo", lam=lam, baseline=baseline)
+    rewards = teacher.rewards(TeacherLogprobs(aligned, shuffled, mask.float(), mask.any(1)), student).rewards
     n = mask.sum().clamp(min=1)
     metrics = {
         "credit/reward_mean": Metric(AggregationType.MEAN, (rewards.sum() / n).detach()),
