@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["partners"]
+__all__ = ["partner_draw_seed", "partners"]
 
 
 def _as_group_tensor(fn: str, group_ids) -> torch.Tensor:
@@ -42,6 +42,12 @@ def _as_group_tensor(fn: str, group_ids) -> torch.Tensor:
                 raise TypeError(f"{fn}: group_ids must hold integers; got {type(g).__name__} {g!r} at index {i}")
         return torch.tensor([int(g) for g in group_ids], dtype=torch.long)
     raise TypeError(f"{fn}: group_ids must be a [B] integer tensor or a list of ints; got {type(group_ids).__name__}")
+
+
+def partner_draw_seed(seed: int, step: int) -> int:
+    """The seed of step `step`'s partner draw for run seed `seed`: seed * 17 + step. CreditTeacher, the verl and the
+    TRL integrations all use it, so one seed gives one global batch the same partners in every trainer."""
+    return int(seed) * 17 + int(step)
 
 
 def partners(group_ids, num_partners: int = 1, seed: int = 0) -> torch.Tensor:

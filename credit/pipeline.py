@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from credit.losses import ContrastiveTeacher, contrastive_teacher_topk
+from credit.pairing import partner_draw_seed
 from credit.pairing import partners as draw_partners
 from credit.options import method_option_error
 from credit.rewards import sdpo_rewards
@@ -271,7 +272,7 @@ class CreditTeacher:
         sel = select_feedback(batch.group_ids, batch.success, texts, batch.feedback, seed=self.seed * 31 + step)
         part = None
         if self.method == "credit":
-            part = draw_partners(batch.group_ids, self.num_partners, seed=self.seed * 17 + step)
+            part = draw_partners(batch.group_ids, self.num_partners, seed=partner_draw_seed(self.seed, step))
         pairs = build_teacher_pairs(self.tokenizer, batch.prompts, batch.group_ids, batch.response_ids,
                                     sel.solutions, sel.feedbacks, part, swap=self.swap, template=self.template,
                                     chat_template_kwargs=self.chat_template_kwargs)

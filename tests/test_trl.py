@@ -244,6 +244,27 @@ def test_partner_contexts_are_trl_reprompts_of_other_prompts(tiny_model_dir, tmp
         assert len(seen) == 3  # M distinct partner groups
 
 
+def test_partners_are_the_pipelines_draw(tiny_model_dir, tmp_path):
+    """Step s draws partners with seed partner_seed * 17 + s, as CreditTeacher and verl do for the same batch."""
+    from credit.pairing import partners
+
+    trainer = make_trainer(True, tiny_model_dir, str(tmp_path), **_mode_kw("sampled_token", num_partners=1),
+                           partner_seed=5)
+    batch = one_batch(trainer)
+    tok = trainer.processing_class
+    prompts = [tok.decode(_unpad(p, m)) for p, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
+    num_gen = trainer.num_generations
+    expected = partners([i // num_gen for i in range(8)], 1, seed=5 * 17 + trainer._step)
+    checked = 0
+    for i in range(8):
+        if batch["self_distillation_mask"][i] == 0:
+            continue
+        ctx = tok.decode(_unpad(batch["credit_partner_ids"][i, 0], batch["credit_partner_mask"][i, 0]))
+        assert ctx.startswith(prompts[int(expected[i, 0]) * num_gen]), i
+        checked += 1
+    assert checked > 0
+
+
 def test_config_errors_name_the_setting(tmp_path):
     from credit.integrations.trl import CreditSDPOConfig
 

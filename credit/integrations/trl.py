@@ -50,10 +50,11 @@ from trl.experimental.sdpo.loss_utils import add_tail_bucket, apply_importance_s
 from trl.experimental.sdpo.sdpo_trainer import SuccessfulRolloutTeacherContextBuilder, _extract_last_user_text
 from trl.trainer.utils import pad, selective_log_softmax
 
+from credit.options import method_option_error
 from credit.packed_student import packed_unsupported
+from credit.pairing import partner_draw_seed
 from credit.pairing import partners as draw_partners
 from credit.pipeline import CreditTeacher, TeacherLogprobs, TopkTeacher
-from credit.options import method_option_error
 from credit.scoring.attention import TreeState, tree_attention_active
 from credit.scoring.chunks import pred_index
 from credit.templates import TeacherPairs
@@ -81,7 +82,8 @@ class CreditSDPOConfig(SDPOConfig):
         "context" after c(x_j, f_j) (the partner's whole context).
     teacher_scoring (`str`, defaults to `"packed"`): "packed" (one prefix-trie forward for the aligned and shuffled
         pairs, fused heads) or "trl" (TRL's padded teacher forwards with full logits).
-    partner_seed (`int`, defaults to `0`): seed of the partner draw; step s uses partner_seed + s on every rank.
+    partner_seed (`int`, defaults to `0`): seed of the partner draw; step s uses partner_seed * 17 + s on
+        every rank (`credit.pairing.partner_draw_seed`, as CreditTeacher and the verl integration).
     scorer_max_tokens (`int`, defaults to `32768`): unique tokens per packed teacher forward (bounds memory).
     share_prompts (`bool`, defaults to `True`): run the student's forward over the micro-batch's prefix trie of
         prompts + completions, each group's prompt computed once (forward and backward), through the trainer's
@@ -107,7 +109,7 @@ class CreditSDPOConfig(SDPOConfig):
     teacher_scoring: str = field(
         default="packed", metadata={"help": "Teacher log-probs: packed (prefix-trie forward) | trl (padded forwards)."}
     )
-    partner_seed: int = field(default=0, metadata={"help": "Partner draw seed; step s uses partner_seed + s."})
+    partner_seed: int = field(default=0, metadata={"help": "Partner draw seed; step s uses partner_seed * 17 + s."})
     scorer_max_tokens: int = field(default=32768, metadata={"help": "Unique tokens per packed teacher forward."})
     share_prompts: bool = field(
         default=True, metadata={"help": "Student forward over the prompt trie (each prompt once); padded fallback."}
@@ -168,7 +170,7 @@ class _CreditContextBuilder(SuccessfulRolloutTeacherContextBuilder):
         all_texts = gather_object(local_texts)
         total = len(all_prompts)
         group_ids = [i // num_gen for i in range(total)]
-        seed = int(args.partner_seed) + int(trainer._step)
+        seed = partner_draw_seed(args.partner_seed, trainer._step)  # as CreditTeacher and verl draw them
         try:
             part = draw_partners(group_ids, num_partners, seed=seed).tolist()  # [B_global, M], same on every rank
         except ValueError as err:
