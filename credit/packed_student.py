@@ -23,8 +23,8 @@ and a single sequence longer than the budget runs alone. `iter_packed_logprobs` 
 caller computes its loss and calls backward before the next pack (gradient accumulation).
 
 Supported: the families `TeacherScorer`'s tree path supports (Llama, Mistral, Qwen2, Qwen3 with a bias-free linear
-head), without gradient checkpointing (its recompute in the backward would run outside the hook), without
-attention dropout in training, and with sequences inside any sliding window. `packed_unsupported` says why not,
+head), with or without transformers' activation checkpointing (the backward's layer replays run inside the
+hook too, `credit.scoring.attention.tree_attention_active`), without attention dropout in training, and with sequences inside any sliding window. `packed_unsupported` says why not,
 so a trainer can fall back to the padded path; the functions here raise ValueError with that reason.
 """
 
@@ -37,7 +37,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from credit.scoring.attention import TreeState, tree_attention_active
+from credit.scoring.attention import TreeState, checkpointed_layers, tree_attention_active
 from credit.scoring.chunks import pred_index
 from credit.scoring.inspection import device_of, sliding_window, tree_unsupported
 from credit.scoring.validation import _ids_array
@@ -82,9 +82,10 @@ def packed_unsupported(model, max_len: int | None = None) -> str | None:
         return reason
     flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
-    if getattr(model, flag, False):
-        return ("gradient checkpointing is on: its recompute in the backward runs outside the tree attention hook "
-                "(model.gradient_checkpointing_disable() first)")
+    if getattr(model, flag, False) and not checkpointed_layers(model):  # transformers' own: its replays are hooked
+        return ("gradient checkpointing is on without transformers' per-layer checkpoint function, so its recompute "
+                "in the backward would run outside the tree attention hook (model.gradient_checkpointing_disable() "
+                "first)")
     dropout = float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
     if model.training and dropout > 0:
         return f"config.attention_dropout = {dropout} in training mode; tree attention applies no dropout"

@@ -9,6 +9,7 @@ Mistral, Qwen2, Qwen3 models (hidden 64, 2 layers, 4 heads, 2 KV heads, vocab 30
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import random
 
@@ -26,6 +27,8 @@ from credit.packed_student import (
     plan_packs,
 )
 from credit.rewards import credit_rewards, sdpo_rewards
+from credit.scoring import attention as attention_mod
+from credit.scoring.attention import checkpointed_layers
 from credit_kernels import linear_gather, linear_topk
 from tests.utils import HAS_TEST_TOKENIZER, TINY_FAMILIES, assert_close_verbose, tiny_causal_lm
 
@@ -274,9 +277,60 @@ def test_unsupported_models_are_refused_clearly(models):
     model = _tiny("mistral", sliding_window=8)
     assert packed_unsupported(model, max_len=8) is None and "sliding window" in packed_unsupported(model, max_len=9)
     model = _tiny("llama")
-    # transformers >= 5.24 renames gradient_checkpointing_enable
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    _checkpointing_on(model)
+    assert packed_unsupported(model) is None  # the backward's replays run inside the hook
+    for m in checkpointed_layers(model):
+        m._gradient_checkpointing_func = None  # flag on, no transformers checkpoint function to wrap
     assert "gradient checkpointing" in packed_unsupported(model)
+
+
+def _checkpointing_on(model, **kwargs):
+    # transformers >= 5.24 renames gradient_checkpointing_enable (and its kwargs argument)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+
+
+def _backward_grads(model, loss):
+    """Parameter gradients by loss.backward() (reentrant checkpointing does not support autograd.grad)."""
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_student_matches_padded(family, reentrant, monkeypatch):
+    """Activation checkpointing replays each layer in the backward, after the forward's hook has ended: the replay
+    must attend over the trie too, or the gradients are those of plain causal attention over the packed row."""
+    model = _tiny(family)  # a fresh model: checkpointing changes it
+    prompts, responses, group_ids = _batch(VOCAB)
+    width = max(len(r) for r in responses)
+    teacher = _teacher(responses, group_ids, width)
+    s_ref = _padded_logprobs(model, prompts, responses, width)  # no checkpointing: the ground truth
+    want = _backward_grads(model, _token_loss("credit", s_ref, teacher))
+    _checkpointing_on(model, use_reentrant=reentrant)
+    functions = [m._gradient_checkpointing_func for m in checkpointed_layers(model)]
+    assert functions and packed_unsupported(model) is None
+    s = packed_student_logprobs(model, prompts, responses, width=width)
+    assert_close_verbose(s, s_ref, atol=2e-5, rtol=1e-5, name=f"{family} checkpointed student logp")
+    got = _backward_grads(model, _token_loss("credit", s, teacher))
+    _assert_grads_close(model, got, want)
+    assert model.config._attn_implementation == "sdpa"
+    assert [m._gradient_checkpointing_func for m in checkpointed_layers(model)] == functions  # restored
+    # the control: without the replays in the hook the backward fails (non-reentrant checkpointing sees other saved
+    # tensors) or, silently, gets other gradients (reentrant)
+    monkeypatch.setattr(attention_mod, "_replays_in_tree", lambda model, state: contextlib.nullcontext())
+    s = packed_student_logprobs(model, prompts, responses, width=width)
+    try:
+        bad = _backward_grads(model, _token_loss("credit", s, teacher))
+    except torch.utils.checkpoint.CheckpointError:
+        assert not reentrant
+    else:
+        assert any(w is not None and not torch.allclose(b, w, atol=1e-4) for b, w in zip(bad, want))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

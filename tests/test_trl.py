@@ -3,7 +3,7 @@
 - lam = 0: CreditSDPOTrainer's loss and gradients equal stock SDPOTrainer's on the same batch (both distillation
   modes, both teacher scorers, with and without shuffled partners, mixed with the policy loss), with the packed
   student forward (share_prompts, the default);
-- share_prompts on vs off: the same [B, T] log-probs, loss and gradients; the padded fallback under checkpointing;
+- share_prompts on vs off: the same [B, T] log-probs, loss and gradients, under activation checkpointing too;
 - lam > 0: its rewards / top-k loss equal a float64 reference from naive per-pair teacher forwards;
 - the shuffled contexts are TRL's reprompt of the partner's prompt; bad settings raise naming the setting;
 - two gloo processes on halves of the global batch equal one process on the whole batch (loss, parameters).
@@ -114,18 +114,22 @@ def test_share_prompts_equals_padded_student(tiny_model_dir, tmp_path, monkeypat
     torch.testing.assert_close(packed_logps, padded_logps, atol=1e-5, rtol=1e-5)
 
 
-def test_share_prompts_falls_back_under_checkpointing_and_compile(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_share_prompts_under_checkpointing_and_the_compile_fallback(tiny_model_dir, tmp_path, reentrant):
+    """TRL turns activation checkpointing on by default: the packed student runs under it (the backward's layer
+    replays attend over the trie too) with the padded path's loss and gradients; a compiled model runs padded."""
     trainer = make_trainer(True, tiny_model_dir, str(tmp_path), **_mode_kw("sampled_token", lam=0.5, num_partners=1))
     batch = one_batch(trainer)
+    trainer.args.share_prompts = False
+    ref_loss, ref_grads = loss_and_grads(trainer, batch)  # padded, no checkpointing: the ground truth
+    assert trainer.last_student_path == "padded"
+    trainer.args.share_prompts = True
+    trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     loss, grads = loss_and_grads(trainer, batch)
-    assert trainer.last_student_path == "packed"
-    trainer.model.activation_checkpointing_enable()
-    with pytest.warns(UserWarning, match="runs padded: .*checkpointing"):
-        ref_loss, ref_grads = loss_and_grads(trainer, batch)
-    assert trainer.last_student_path == "padded" and "checkpointing" in trainer.last_student_fallback
+    assert trainer.last_student_path == "packed" and trainer.last_student_fallback is None
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
     diff, scale = _max_grad_diff(grads, ref_grads)
-    assert diff <= 1e-5 * scale + 1e-8, f"max grad diff {diff} (max grad {scale})"
+    assert scale > 0 and diff <= 1e-5 * scale + 1e-8, f"max grad diff {diff} (max grad {scale})"
     trainer.model.activation_checkpointing_disable()
     trainer.args.torch_compile = True  # the flag alone: the student runs padded (nothing is compiled here)
     with pytest.warns(UserWarning, match="runs padded: .*torch.compile"):

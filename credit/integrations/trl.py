@@ -28,8 +28,9 @@ base teachers, IS clipping, the distillation_weight mix, logging, checkpointing)
   trie (a group's prompt once), fed through the same wrapped module with the trie's position ids while tree
   attention is plugged in (`credit.packed_student`'s layout); the hidden states at the completion rows are scattered
   back to TRL's [B, T] layout, so the policy loss, IS clipping and the distillation terms see the same tensors.
-  Falls back to the padded forward where `credit.packed_student.packed_unsupported` names a reason (e.g. activation
-  checkpointing, which TRL turns on by default) or the masks are not TRL's left/right padding.
+  It runs under activation checkpointing too (TRL's default: the backward's layer replays attend over the trie).
+  Falls back to the padded forward where `credit.packed_student.packed_unsupported` names a reason (e.g. attention
+  dropout in training, a compiled model) or the masks are not TRL's left/right padding.
 
 Unsupported (a clear error at construction): PEFT models, FSDP, DeepSpeed ZeRO-3 (the fused heads and the packed
 scorer need the full LM head and teacher weights on every rank), the teacher server, ``distillation_mode=
@@ -88,12 +89,11 @@ class CreditSDPOConfig(SDPOConfig):
     share_prompts (`bool`, defaults to `True`): run the student's forward over the micro-batch's prefix trie of
         prompts + completions, each group's prompt computed once (forward and backward), through the trainer's
         wrapped module (DDP / DeepSpeed ZeRO-1/2 gradient sync unchanged); the same log-probs, losses and gradients
-        as the padded forward up to float rounding. Falls back to the padded forward (per micro-batch, with one
-        warning per reason; `trainer.last_student_path` says which ran) when
-        `credit.packed_student.packed_unsupported(model)` names a reason: a family without tree attention support,
-        activation (gradient) checkpointing on (TRL's default `gradient_checkpointing=True`: set
-        `activation_checkpointing=False` to share prompts), attention dropout in training, sequences beyond a
-        sliding window; or for a torch.compile'd model (`torch_compile` / accelerate's dynamo backend); or when the
+        as the padded forward up to float rounding, with or without activation checkpointing (TRL's default
+        `gradient_checkpointing=True`: the backward's layer replays attend over the trie too). Falls back to the
+        padded forward (per micro-batch, with one warning per reason; `trainer.last_student_path` says which ran)
+        when `credit.packed_student.packed_unsupported(model)` names a reason: a family without tree attention
+        support, attention dropout in training, sequences beyond a sliding window; or for a torch.compile'd model (`torch_compile` / accelerate's dynamo backend); or when the
         masks are not left-padded prompts / right-padded completions, or no completion has a token. False: always
         the padded forward.
     """

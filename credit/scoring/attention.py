@@ -74,7 +74,51 @@ def _set_attn(model, name: str) -> None:
 
 @contextlib.contextmanager
 def tree_attention_active(model, state: TreeState):
-    """Route the model's attention to tree_attention for the block; always restore the original implementation."""
+    """Route the model's attention to tree_attention for the block; always restore the original implementation.
+
+    Under transformers' activation checkpointing the backward replays each layer after the block has ended; those
+    replays run inside the hook too (`_replays_in_tree`), so the recomputed activations are the tree's."""
+    with _attention_switched(model, state), _replays_in_tree(model, state):
+        yield state
+
+
+def checkpointed_layers(model) -> list:
+    """The modules whose forward transformers' activation checkpointing wraps (flag on and a checkpoint function)."""
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+            and callable(getattr(m, "_gradient_checkpointing_func", None))]
+
+
+@contextlib.contextmanager
+def _replays_in_tree(model, state: TreeState):
+    """For the block, give each checkpointed layer a checkpoint function whose function (run in the forward and
+    again by the backward's recompute, in whatever thread autograd uses) enters the hook itself."""
+    layers = checkpointed_layers(model)
+    saved = [m.__dict__.get("_gradient_checkpointing_func") for m in layers]
+    for m in layers:
+        m._gradient_checkpointing_func = _in_tree(m._gradient_checkpointing_func, model, state)
+    try:
+        yield
+    finally:
+        for m, f in zip(layers, saved):
+            if f is None:
+                del m._gradient_checkpointing_func  # it was the class attribute
+            else:
+                m._gradient_checkpointing_func = f
+
+
+def _in_tree(checkpoint_fn, model, state: TreeState):
+    def checkpoint_in_tree(function, *args, **kwargs):
+        def replay(*a, **k):  # in the forward the hook is already on (a no-op switch); in the backward it is not
+            with _attention_switched(model, state):
+                return function(*a, **k)
+
+        return checkpoint_fn(replay, *args, **kwargs)
+
+    return checkpoint_in_tree
+
+
+@contextlib.contextmanager
+def _attention_switched(model, state: TreeState):
     _register_attention()
     original = model.config._attn_implementation
     token = _STATE.set(state)
