@@ -24,8 +24,9 @@ caller computes its loss and calls backward before the next pack (gradient accum
 
 Supported: the families `TeacherScorer`'s tree path supports (Llama, Mistral, Qwen2, Qwen3 with a bias-free linear
 head), with or without transformers' activation checkpointing (the backward's layer replays run inside the
-hook too, `credit.scoring.attention.tree_attention_active`), without attention dropout in training, and with sequences inside any sliding window. `packed_unsupported` says why not,
-so a trainer can fall back to the padded path; the functions here raise ValueError with that reason.
+hook too, `credit.scoring.attention.tree_attention_active`), without attention dropout in training, and with
+sequences inside any sliding window. `packed_unsupported` says why not, so a trainer can fall back to the padded
+path; the functions here raise ValueError with that reason.
 """
 
 from __future__ import annotations

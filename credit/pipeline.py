@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from credit.losses import ContrastiveTeacher, contrastive_teacher_topk
+from credit.options import method_option_error
 from credit.pairing import partner_draw_seed
 from credit.pairing import partners as draw_partners
-from credit.options import method_option_error
 from credit.rewards import sdpo_rewards
 from credit.scoring import TeacherScorer
 from credit.templates import DEFAULT_TEMPLATE, TeacherPairs, build_teacher_pairs, select_feedback

@@ -93,9 +93,9 @@ class CreditSDPOConfig(SDPOConfig):
         `gradient_checkpointing=True`: the backward's layer replays attend over the trie too). Falls back to the
         padded forward (per micro-batch, with one warning per reason; `trainer.last_student_path` says which ran)
         when `credit.packed_student.packed_unsupported(model)` names a reason: a family without tree attention
-        support, attention dropout in training, sequences beyond a sliding window; or for a torch.compile'd model (`torch_compile` / accelerate's dynamo backend); or when the
-        masks are not left-padded prompts / right-padded completions, or no completion has a token. False: always
-        the padded forward.
+        support, attention dropout in training, sequences beyond a sliding window; or for a torch.compile'd model
+        (`torch_compile` / accelerate's dynamo backend); or when the masks are not left-padded prompts /
+        right-padded completions, or no completion has a token. False: always the padded forward.
     """
 
     lam: float = field(default=0.5, metadata={"help": "CREDIT debiasing weight in [0, 1] (0 = SDPO)."})
