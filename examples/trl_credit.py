@@ -101,7 +101,6 @@ def main(argv=None):
         distillation_topk=20 if args.mode == "topk_logits" else None,
         include_environment_feedback=True, environment_feedback_only_without_solution=True,
         success_reward_threshold=1.0, teacher_model_kind="ema", seed=args.seed, logging_steps=1,
-        activation_checkpointing=False,  # TRL's default recomputes outside the packed student: keep prompt sharing
         report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
         generation_kwargs={"do_sample": True, "temperature": 1.0},
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import socket
 import subprocess
 import sys
 import types
@@ -318,6 +319,12 @@ def test_refuses_unsupported_engines(tiny_model_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # distributed: two gloo processes == one process (partners drawn over the global batch)
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _run_harness(cmd: list[str], out: str) -> dict:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd + ["--out", out], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -328,7 +335,8 @@ def _run_harness(cmd: list[str], out: str) -> dict:
 def test_two_processes_match_one(tiny_model_dir, tmp_path):
     harness = [os.path.join(REPO, "tests", "trl_harness.py"), "--model", tiny_model_dir]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port())]  # not the default 29500, which another job may hold
     two = _run_harness(launch + harness, str(tmp_path / "two" / "out.pt"))
     one = _run_harness([sys.executable] + harness, str(tmp_path / "one" / "out.pt"))
     assert (two["num_processes"], one["num_processes"]) == (2, 1)

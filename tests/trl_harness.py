@@ -94,8 +94,8 @@ def _main() -> None:
     per_device = 8 // world
     kw = dict(per_device_train_batch_size=per_device, lam=0.5, num_partners=2, teacher_model_kind="live",
               distillation_mode=a.mode, distillation_alpha=1.0 if a.mode == "sampled_token" else 0.5,
-              distillation_topk=5 if a.mode == "topk_logits" else None, generation_kwargs={"do_sample": False},
-              activation_checkpointing=False)  # TRL's default (on) would make the student forward fall back to padded
+              distillation_topk=5 if a.mode == "topk_logits" else None, generation_kwargs={"do_sample": False})
+    # TRL's default activation checkpointing stays on: the packed student runs under it, with DDP
     trainer = make_trainer(True, a.model, os.path.dirname(a.out), **kw)
     losses, batches, paths = [], [], []
     orig = trainer.compute_loss
