@@ -235,7 +235,10 @@ def load_runs(out_dir: str) -> list[dict]:
 
 
 def _ci(values: list[float]) -> dict:
+    """Mean and 95% t interval over seeds; one seed has no interval (lo = hi = None: JSON has no NaN)."""
     mean, lo, hi = mean_interval(values)
+    if len(values) == 1:
+        lo = hi = None
     return {"mean": mean, "lo": lo, "hi": hi, "n": len(values)}
 
 
@@ -370,11 +373,12 @@ def plot(summary: dict, out_prefix: str) -> list[str]:
                     continue
                 xs = [int(s) for s in row[key]]
                 m = [row[key][s]["mean"] for s in row[key]]
-                lo, hi = zip(*(_unit(row[key][s]["lo"], row[key][s]["hi"]) for s in row[key]))
+                bands = [_unit(row[key][s]["lo"], row[key][s]["hi"]) for s in row[key] if row[key][s]["n"] > 1]
                 style = "-" if "mu0.5" in config or config == "grpo" else ("--" if "topk" in config else ":")
                 ax.plot(xs, m, style, color=f"C{i}", marker="o" if len(xs) < 8 else None, ms=3,
                         label=f"{config} (n={len(row['seeds'])})")
-                ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.12)
+                if len(bands) == len(xs):  # one seed: no band
+                    ax.fill_between(xs, *zip(*bands), color=f"C{i}", alpha=0.12)
             ax.set_title(f"{task}: {title}", fontsize=9)
             ax.set_xlabel("step")
             ax.set_ylim(-0.02, 1.02)
@@ -403,10 +407,15 @@ def markdown(summary: dict) -> str:
     differences; written next to study_summary.json so the README quotes the code's numbers, not hand copies."""
 
     def ci(r: dict | None) -> str:
-        return "-" if r is None else f"{r['mean']:+.3f} [{r['lo']:+.2f}, {r['hi']:+.2f}]"
+        if r is None:
+            return "-"
+        return f"{r['mean']:+.3f} " + ("(1 seed)" if r["lo"] is None else f"[{r['lo']:+.2f}, {r['hi']:+.2f}]")
 
     def level(r: dict | None) -> str:
-        return "-" if r is None else "{:.3f} [{:.2f}, {:.2f}]".format(r["mean"], *_unit(r["lo"], r["hi"]))
+        if r is None:
+            return "-"
+        lo_hi = None if r["lo"] is None else _unit(r["lo"], r["hi"])
+        return f"{r['mean']:.3f} " + ("(1 seed)" if lo_hi is None else "[{:.2f}, {:.2f}]".format(*lo_hi))
 
     lines = []
     for task, t in summary["tasks"].items():
@@ -415,7 +424,8 @@ def markdown(summary: dict) -> str:
         for config in (c for c in CONFIGS if c in t["configs"]):
             row = t["configs"][config]
             curve = row.get("greedy", {})
-            ends = f"{curve[min(curve, key=int)]['mean']:.3f} -> {curve[max(curve, key=int)]['mean']:.3f}" if curve else "-"
+            first, last = (curve[min(curve, key=int)], curve[max(curve, key=int)]) if curve else (None, None)
+            ends = f"{first['mean']:.3f} -> {last['mean']:.3f}" if curve else "-"
             rows.append([config, ",".join(map(str, row["seeds"])), ends, ci(row.get("greedy_gain")),
                          ci(row.get("sampled_gain")), level(row.get("train/accuracy window"))]
                         + ([level(row.get("task/shortcut_rate window"))] if shortcut else []))

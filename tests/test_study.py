@@ -3,7 +3,6 @@
 one real run on the tiny model."""
 
 import json
-import math
 import os
 
 import pytest
@@ -154,7 +153,9 @@ def test_run_one_writes_its_json_drops_the_checkpoint_and_is_skipped_when_done(t
     assert json.loads((tmp_path / "cache.json").read_text())  # the step-0 eval was cached
     summary = study.summarize([doc])
     row = summary["tasks"]["largest_shortcut"]["configs"]["credit_lam0.5_mu0.5"]
-    assert math.isnan(row["greedy_gain"]["lo"])  # one seed: no interval
+    assert row["greedy_gain"]["lo"] is None and row["greedy_gain"]["n"] == 1  # one seed: no interval
+    assert "(1 seed)" in study.markdown(summary) and "nan" not in study.markdown(summary)
+    json.dumps(summary, allow_nan=False)  # valid JSON
     study.main(["--list", "--tasks", "largest_shortcut", "--configs", "credit_lam0.5_mu0.5", "--seeds", "0",
                 "--out-dir", str(tmp_path / "out")])
     assert "done  largest_shortcut__credit_lam0.5_mu0.5__seed0" in capsys.readouterr().out
