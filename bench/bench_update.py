@@ -4,6 +4,7 @@
     python bench/bench_update.py --workloads default --repeats 7
     python bench/bench_update.py --workloads gpu --device cuda   # ANCHORS.md section 2's shape (Qwen2-1.5B, random)
     python bench/bench_update.py --workloads smoke      # seconds, for CI
+    python bench/bench_update.py --checkpointing        # both paths under transformers' activation checkpointing
 
 The update = forward + backward of the token-level student loss (the policy gradient on fixed advantages; the
 sdpo/credit losses differ only in the advantages, which cost nothing here) over one step's P x G responses:
@@ -26,7 +27,9 @@ What sharing can save: the body runs unique tokens instead of all of them, but t
 N response rows, forward + backward) does the same work on both paths. So besides the token-ratio bound
 total / unique, the JSON gives the bound that keeps the head: padded / (head + (padded - head) x unique / total),
 with the head's time ("head_only": linear_logprob fwd+bwd on N random rows) measured in the same run.
-Writes bench/results/update_<card>.json and .png.
+`--checkpointing` turns on the model's activation checkpointing (non-reentrant, transformers' default; TRL's too)
+for both paths: each layer runs twice, and the packed path's replays attend over the trie as its forward does.
+Writes bench/results/update_<card>.json (update_checkpointing_<card>.json with --checkpointing) and .png.
 """
 
 from __future__ import annotations
@@ -190,12 +193,15 @@ def make_update(provider, model, prompts, responses, micro_batch, device, logs: 
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------------
-def run_workload(name: str, device, dtype, repeats: int, micro_batch: int | None) -> list[dict]:
+def run_workload(name: str, device, dtype, repeats: int, micro_batch: int | None,
+                 checkpointing: bool = False) -> list[dict]:
     w = dict(WORKLOADS[name])
     if micro_batch is not None:
         w["micro_batch"] = micro_batch
     model, tokenizer = _load(w, device, dtype)
     model.train()
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     prompts, responses = _batch(w, model, tokenizer)
     seqs = [p + r[:-1] for p, r in zip(prompts, responses)]
     unique, total = build_prefix_trie(seqs).num_unique, sum(len(s) for s in seqs)
@@ -214,12 +220,14 @@ def run_workload(name: str, device, dtype, repeats: int, micro_batch: int | None
     err = float((logs["packed"][-1] - logs["padded"][-1]).abs().max())  # the last update's log-probs
     prompt_lens = sorted({len(p) for p in prompts})
     shape = f"{name}: P={w['prompts']} G={w['rollouts']} Lp={prompt_lens[0]}-{prompt_lens[-1]} Lr={w['response_len']}"
+    shape += " (checkpointed)" if checkpointing else ""
     rows = []
     for p in PROVIDERS:
         q = statistics.quantiles(times[p], n=10) if len(times[p]) >= 2 else times[p] * 9
         rows.append(dict(workload=name, shape=shape, mode="fwd+bwd", provider=p, model=w["model"],
                          dtype=str(dtype).replace("torch.", ""), prompts=w["prompts"], rollouts=w["rollouts"],
                          prompt_lens=prompt_lens, response_len=w["response_len"], micro_batch=w["micro_batch"],
+                         activation_checkpointing=checkpointing,
                          ms=statistics.median(times[p]), ms_p20=q[1], ms_p80=q[7], ms_all=times[p],
                          tokens_run={"packed": unique, "padded": total}.get(p), unique_tokens=unique, total_tokens=total,
                          unique_ratio=unique / total, packs=n_packs if p == "packed" else None,
@@ -250,6 +258,8 @@ def main(argv=None):
     p.add_argument("--micro-batch", type=int, default=None, help="responses per padded micro-batch (default: the "
                                                                  "workload's; the packs' budget follows it)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/update_<card>.json)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing on (non-reentrant) for both paths")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -261,11 +271,11 @@ def main(argv=None):
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = []
     for n in names:
-        rows += run_workload(n, device, dtype, args.repeats, args.micro_batch)
+        rows += run_workload(n, device, dtype, args.repeats, args.micro_batch, args.checkpointing)
     meta = machine_info(device)
     meta.update(bench="update", torch_threads=torch.get_num_threads(), repeats=args.repeats,
                 note="CPU runs share the machine with other jobs: medians of interleaved repeats")
-    out = args.out or results_path(meta, "update")
+    out = args.out or results_path(meta, "update_checkpointing" if args.checkpointing else "update")
     write_json(out, meta, rows)
     if not args.no_plot:
         plot_results(out, out[: -len(".json")] + ".png", title="student update (fwd+bwd)", metric="ms")

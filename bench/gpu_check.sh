@@ -3,7 +3,7 @@
 #   bash bench/gpu_check.sh            # results in $OUT (the device tool's folder) or bench/results/gpu/
 #   STAGES="build tests logprob" bash bench/gpu_check.sh  # a subset, in this order: build tests trainer retest
 #                                                          #   sweep sweep_kernels topk scoring credit_reward tree
-#                                                          #   logprob update trl
+#                                                          #   logprob update update_ckpt trl
 #   RETEST="tests/x.py::test_y ..." STAGES="build retest" bash bench/gpu_check.sh   # full tracebacks of a few tests
 # Each stage has its own timeout, so one slow or broken stage never hides the others. Stage times on an H200
 # (2026-11-27): build 42 s, tests 109 s, sweep 23 s, topk (2 shapes) 91 s, scoring anchors 70 s + sdpo > 100 s,
@@ -18,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"build tests trainer sweep sweep_kernels topk scoring credit_reward tree logprob update trl"}
+STAGES=${STAGES:-"build tests trainer sweep sweep_kernels topk scoring credit_reward tree logprob update update_ckpt trl"}
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 start=$(date +%s)
@@ -94,6 +94,12 @@ if has update; then
   stamp update
   # the student update, packed prompt sharing vs padded, at ANCHORS section 2's shape (Qwen2-1.5B, random, bf16)
   timeout 300 $PY bench/bench_update.py --workloads gpu --device cuda --no-plot --out "$OUT/update.json"
+fi
+if has update_ckpt; then
+  stamp update_ckpt
+  # the same under activation checkpointing (TRL's default): the packed path's backward replays run in the trie
+  timeout 300 $PY bench/bench_update.py --workloads gpu --device cuda --no-plot --checkpointing \
+    --out "$OUT/update_checkpointing.json"
 fi
 if has trl; then
   stamp trl

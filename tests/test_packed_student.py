@@ -374,6 +374,10 @@ def test_bench_update_smoke(tmp_path):
     packed = rows[1]
     assert packed["unique_tokens"] < packed["total_tokens"] and packed["tokens_run"] == packed["unique_tokens"]
     assert packed["max_abs_diff_logp_vs_padded"] < 1e-5 and packed["ms"] > 0
+    bench_update.main(["--workloads", "smoke", "--repeats", "1", "--device", "cpu", "--out", str(out), "--no-plot",
+                       "--checkpointing"])
+    packed = json.loads(out.read_text())["results"][1]
+    assert packed["activation_checkpointing"] and packed["max_abs_diff_logp_vs_padded"] < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------------------------
