@@ -320,7 +320,11 @@ def _paired(configs: dict) -> dict:
 
 def decide(summary: dict) -> dict:
     """The pre-registered rule (bench/STUDY.md): the CREDIT config with the highest mean over tasks of its mean
-    sampled TRAINING accuracy over steps SELECT_STEPS; then the goals, checked on the held-out split."""
+    sampled TRAINING accuracy over steps SELECT_STEPS; then the goals, checked on the held-out split.
+
+    `pick` is set only for a complete study (every config of the protocol on every task with >= 3 seeds): the rule
+    chooses among all its CREDIT configs, not the ones run so far. Before that, `leader` is the rule applied to
+    the configs run on every task, with its goals: provisional, reported as such, never the default."""
     tasks = summary["tasks"]
     # a partial study picks nothing: the rule averages over every task of the protocol, not the ones run so far
     missing = [t for t in TASKS if t not in tasks]
@@ -335,21 +339,25 @@ def decide(summary: dict) -> dict:
     if not scores:
         return {"pick": None, "complete": False, "missing_tasks": missing, "runs": runs,
                 "why": "no CREDIT config has finished runs on every task of the protocol"}
-    pick = max(scores, key=lambda c: (round(scores[c], 6), -list(CONFIGS).index(c)))
+    leader = max(scores, key=lambda c: (round(scores[c], 6), -list(CONFIGS).index(c)))
     goals = {}
     for task, t in tasks.items():
         rows, g = t["configs"], {}
-        for other in (SDPO_TWIN[pick], "grpo"):
-            if other in rows and pick in rows:
+        for other in (SDPO_TWIN[leader], "grpo"):
+            if other in rows and leader in rows:
                 for key in ("greedy_gain", "sampled_gain"):
-                    if key in rows[pick] and key in rows[other]:
-                        g[f"{key} >= {other}"] = rows[pick][key]["mean"] >= rows[other][key]["mean"]
-        twin = SDPO_TWIN[pick]
-        if task in SHORTCUT_TASKS and twin in rows and "task/shortcut_rate window" in rows.get(pick, {}):
-            g[f"shortcut rate < {twin}"] = (rows[pick]["task/shortcut_rate window"]["mean"]
+                    if key in rows[leader] and key in rows[other]:
+                        g[f"{key} >= {other}"] = rows[leader][key]["mean"] >= rows[other][key]["mean"]
+        twin = SDPO_TWIN[leader]
+        if task in SHORTCUT_TASKS and twin in rows and "task/shortcut_rate window" in rows.get(leader, {}):
+            g[f"shortcut rate < {twin}"] = (rows[leader]["task/shortcut_rate window"]["mean"]
                                             < rows[twin]["task/shortcut_rate window"]["mean"])
         goals[task] = g
-    return {"pick": pick, "complete": complete, "runs": runs, "selection_score": scores, "goals": goals}
+    out = {"pick": leader if complete else None, "leader": leader, "complete": complete, "runs": runs,
+           "selection_score": scores, "goals": goals}
+    if not complete:
+        out["why"] = "the study is not complete (every config on every task with >= 3 seeds): leader is provisional"
+    return out
 
 
 def plot(summary: dict, out_prefix: str) -> list[str]:
@@ -440,8 +448,15 @@ def markdown(summary: dict) -> str:
                                    + (["shortcut rate diff"] if shortcut else []), pairs)
         lines.append("")
     dec = summary["decision"]
-    lines.append(f"Decision rule: pick {dec.get('pick')}; complete study: {dec.get('complete', False)}"
-                 + (f"; tasks not yet run: {', '.join(dec['missing_tasks'])}" if dec.get("missing_tasks") else ""))
+    if dec.get("pick"):
+        lines.append(f"Decision rule (complete study): pick {dec['pick']}")
+    else:
+        scores = ", ".join(f"{c} {v:.3f}" for c, v in sorted(dec.get("selection_score", {}).items(),
+                                                          key=lambda kv: -kv[1]))
+        lines.append("Decision rule: no pick, the study is not complete"
+                     + (f" (tasks not yet run: {', '.join(dec['missing_tasks'])})" if dec.get("missing_tasks") else "")
+                     + (f"; provisional leader on the configs run on every task: {dec['leader']} (selection score, "
+                        f"training accuracy steps 11-20 averaged over tasks: {scores})" if dec.get("leader") else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -90,7 +90,10 @@ def test_summarize_means_intervals_paired_and_decision(monkeypatch):
     assert d["shortcut_rate_diff"]["mean"] == pytest.approx(0.1 - 0.4)
     assert "credit_lam1_mu0 - grpo" in paired
     dec = summary["decision"]
-    assert dec["pick"] == "credit_lam0.5_mu0"  # highest training accuracy in the window, not held-out
+    assert dec["leader"] == "credit_lam0.5_mu0"  # highest training accuracy in the window, not held-out
+    assert dec["pick"] is None and not dec["complete"]  # 4 of the 10 configs: provisional, never the default
+    assert "no pick, the study is not complete" in study.markdown(summary)
+    assert "provisional leader on the configs run on every task: credit_lam0.5_mu0" in study.markdown(summary)
     goals = dec["goals"]["largest_shortcut"]
     assert goals["greedy_gain >= sdpo_mu0"] and goals["greedy_gain >= grpo"] and goals["shortcut rate < sdpo_mu0"]
 
@@ -109,9 +112,9 @@ def test_decision_needs_every_task_and_never_reads_held_out(monkeypatch):
     docs += [_doc("largest", c, s, [0.3, 0.4, 0.5], [0.2, 0.3, 0.4], lambda st: 0.5) for c in ("credit_lam0.5_mu0",
              "credit_lam1_mu0") for s in range(3)]
     dec = study.summarize(docs)["decision"]
-    assert dec["pick"] == "credit_lam0.5_mu0" and not dec["complete"]  # 4 of 10 configs run
+    assert dec["leader"] == "credit_lam0.5_mu0" and dec["pick"] is None and not dec["complete"]  # 2 of 10 configs
     docs = [d for d in docs if not (d["task"] == "largest" and d["config"] == "credit_lam0.5_mu0")]
-    assert study.summarize(docs)["decision"]["pick"] == "credit_lam1_mu0"  # the only one run on every task
+    assert study.summarize(docs)["decision"]["leader"] == "credit_lam1_mu0"  # the only one run on every task
     docs = [d for d in docs if d["task"] != "largest"]
     docs.append(_doc("largest", "grpo", 0, [0.5, 0.6, 0.7], [0.4, 0.5, 0.6], lambda st: 0.5))
     dec = study.summarize(docs)["decision"]
@@ -120,6 +123,9 @@ def test_decision_needs_every_task_and_never_reads_held_out(monkeypatch):
 
 def test_aggregate_writes_summary_and_plots(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "TASKS", {"largest_shortcut": study.TASKS["largest_shortcut"]})
+    # a complete study of 4 configs x 3 seeds on one task: the rule picks
+    monkeypatch.setattr(study, "CONFIGS", {c: study.CONFIGS[c] for c in ("grpo", "sdpo_mu0", "credit_lam0.5_mu0",
+                                                                          "credit_lam1_mu0")})
     out_dir = tmp_path / "runs"
     out_dir.mkdir()
     for d in _docs():
@@ -127,11 +133,12 @@ def test_aggregate_writes_summary_and_plots(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "RESULTS", str(tmp_path))
     assert study.main(["--aggregate", "--out-dir", str(out_dir)]) == 0
     summary = json.loads((tmp_path / "study_summary.json").read_text())
-    assert summary["decision"]["pick"] == "credit_lam0.5_mu0"
+    assert summary["decision"]["pick"] == "credit_lam0.5_mu0" and summary["decision"]["complete"]
     assert (tmp_path / "study_largest_shortcut.png").stat().st_size > 1000
     table = (tmp_path / "study_summary.md").read_text()
     gain = summary["tasks"]["largest_shortcut"]["configs"]["credit_lam0.5_mu0"]["greedy_gain"]
     assert f"| credit_lam0.5_mu0 | 0,1,2 | 0.300 -> " in table and f"{gain['mean']:+.3f}" in table
+    assert "Decision rule (complete study): pick credit_lam0.5_mu0" in table
     assert "| credit_lam0.5_mu0 - sdpo_mu0 | 0,1,2 |" in table and "shortcut rate, steps 11-20" in table
     with pytest.raises(ValueError, match="no run JSON"):
         study.main(["--aggregate", "--out-dir", str(tmp_path / "empty")])
