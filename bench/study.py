@@ -1,6 +1,6 @@
 """The learning study of bench/STUDY.md: tasks x configs x seeds, run as a resumable queue, then aggregated.
 
-    python bench/study.py --list                                   # the queue, and which runs are done
+    python bench/study.py --list                                   # the runs still to do
     python bench/study.py --tasks largest_shortcut --configs grpo,sdpo_mu0,credit_lam0.5_mu0 --seeds 0
     python bench/study.py --parts 3/8                              # the 3rd of 8 interleaved slices (1-based)
     python bench/study.py --aggregate                              # study_*.json + plots from finished runs
@@ -147,6 +147,12 @@ def parse_part(text: str | None) -> tuple[int, int]:
     if not 1 <= k <= n:
         raise ValueError(f"--parts {text}: need 1 <= k <= n")
     return k, n
+
+
+def remaining(items: list, done: set[str]) -> list:
+    """The queue less its finished runs: parts are sliced from this, so parts started on a resumed study
+    get about equal shares of what is left (slicing the whole queue could leave one part all done)."""
+    return [i for i in items if run_name(*i) not in done]
 
 
 def select(items: list, part: tuple[int, int]) -> list:
@@ -506,16 +512,14 @@ def main(argv=None) -> int:
         print(f"wrote {path} and study_summary.md ({len(docs)} runs); decision: {summary['decision'].get('pick')}")
         plot(summary, os.path.join(RESULTS, "study"))
         return 0
-    items = select(queue(tasks, configs, seeds), part)
     done = {os.path.basename(x)[:-5] for x in glob.glob(os.path.join(args.out_dir, "*.json"))}
+    items = select(remaining(queue(tasks, configs, seeds), done), part)
     if args.list:
         for t, c, s in items:
-            print(f"{'done' if run_name(t, c, s) in done else 'todo'}  {run_name(t, c, s)}")
-        print(f"{sum(run_name(*i) in done for i in items)}/{len(items)} done")
+            print(f"todo  {run_name(t, c, s)}")
+        print(f"{len(items)} to run in this part; {len(done)} runs done in {args.out_dir}")
         return 0
     for t, c, s in items:
-        if run_name(t, c, s) in done:
-            continue
         run_one(t, c, s, runs=args.runs, out_dir=args.out_dir, eval_cache=args.eval_cache, device=args.device)
     return 0
 

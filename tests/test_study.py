@@ -31,6 +31,11 @@ def test_queue_slices_cover_the_queue_once():
     parts = [study.select(items, (k, 7)) for k in range(1, 8)]
     assert sorted(x for p in parts for x in p) == sorted(items)
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    done = {study.run_name(*i) for i in items[::3]}  # a resumed study: every third run finished
+    left = study.remaining(items, done)
+    assert len(left) == len(items) - len(done) and not {study.run_name(*i) for i in left} & done
+    left_parts = [study.select(left, (k, 2)) for k in (1, 2)]
+    assert abs(len(left_parts[0]) - len(left_parts[1])) <= 1
     assert study.parse_part("") == (1, 1) and study.parse_part("2/4") == (2, 4)
     for bad in ("0/3", "4/3", "x", "1-2"):
         with pytest.raises(ValueError, match="--parts"):
@@ -165,4 +170,5 @@ def test_run_one_writes_its_json_drops_the_checkpoint_and_is_skipped_when_done(t
     json.dumps(summary, allow_nan=False)  # valid JSON
     study.main(["--list", "--tasks", "largest_shortcut", "--configs", "credit_lam0.5_mu0.5", "--seeds", "0",
                 "--out-dir", str(tmp_path / "out")])
-    assert "done  largest_shortcut__credit_lam0.5_mu0.5__seed0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "todo  largest_shortcut" not in out and "0 to run in this part; 1 runs done" in out
