@@ -420,16 +420,20 @@ def markdown(summary: dict) -> str:
     """The README's tables: per task, one row per config (mean over seeds [95% t interval]) and the paired
     differences; written next to study_summary.json so the README quotes the code's numbers, not hand copies."""
 
-    def ci(r: dict | None) -> str:
+    def cell(r: dict | None, signed: bool) -> str:
+        """mean [95% interval], or "(1 seed)" where one seed gives no interval; levels are clipped to [0, 1]."""
         if r is None:
             return "-"
-        return f"{r['mean']:+.3f} " + ("(1 seed)" if r["lo"] is None else f"[{r['lo']:+.2f}, {r['hi']:+.2f}]")
+        if r["lo"] is None:
+            return f"{r['mean']:{'+' if signed else ''}.3f} (1 seed)"
+        lo, hi = (r["lo"], r["hi"]) if signed else _unit(r["lo"], r["hi"])
+        return f"{r['mean']:+.3f} [{lo:+.2f}, {hi:+.2f}]" if signed else f"{r['mean']:.3f} [{lo:.2f}, {hi:.2f}]"
+
+    def ci(r: dict | None) -> str:
+        return cell(r, signed=True)
 
     def level(r: dict | None) -> str:
-        if r is None:
-            return "-"
-        lo_hi = None if r["lo"] is None else _unit(r["lo"], r["hi"])
-        return f"{r['mean']:.3f} " + ("(1 seed)" if lo_hi is None else "[{:.2f}, {:.2f}]".format(*lo_hi))
+        return cell(r, signed=False)
 
     lines = []
     for task, t in summary["tasks"].items():
