@@ -321,9 +321,27 @@ def test_checkpointed_student_matches_padded(family, reentrant, monkeypatch):
     _assert_grads_close(model, got, want)
     assert model.config._attn_implementation == "sdpa"
     assert [m._gradient_checkpointing_func for m in checkpointed_layers(model)] == functions  # restored
+    # the backward's replays switch by plain config writes, not set_attn_implementation (~1 ms a layer) ...
+    switches = []
+    real_set = model.set_attn_implementation
+    monkeypatch.setattr(model, "set_attn_implementation", lambda name, **k: (switches.append(name), real_set(name))[1])
+    s = packed_student_logprobs(model, prompts, responses, width=width)
+    assert switches == ["credit_tree", "sdpa"]  # the forward's block: one switch in, one out
+    got = _backward_grads(model, _token_loss("credit", s, teacher))
+    assert switches == ["credit_tree", "sdpa"] and model.config._attn_implementation == "sdpa"
+    _assert_grads_close(model, got, want)
+    # ... unless something switched the model between forward and backward: then the slow, safe way, restoring
+    # what the model holds now
+    s = packed_student_logprobs(model, prompts, responses, width=width)
+    real_set("eager")
+    got = _backward_grads(model, _token_loss("credit", s, teacher))
+    assert model.config._attn_implementation == "eager"
+    assert switches[4:] == ["credit_tree", "eager"] * model.config.num_hidden_layers  # one switch per replay
+    _assert_grads_close(model, got, want)
+    real_set("sdpa")
     # the control: without the replays in the hook the backward fails (non-reentrant checkpointing sees other saved
     # tensors) or, silently, gets other gradients (reentrant)
-    monkeypatch.setattr(attention_mod, "_replays_in_tree", lambda model, state: contextlib.nullcontext())
+    monkeypatch.setattr(attention_mod, "_replays_in_tree", lambda *args: contextlib.nullcontext())
     s = packed_student_logprobs(model, prompts, responses, width=width)
     try:
         bad = _backward_grads(model, _token_loss("credit", s, teacher))

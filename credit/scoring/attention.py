@@ -78,8 +78,17 @@ def tree_attention_active(model, state: TreeState):
 
     Under transformers' activation checkpointing the backward replays each layer after the block has ended; those
     replays run inside the hook too (`_replays_in_tree`), so the recomputed activations are the tree's."""
-    with _attention_switched(model, state), _replays_in_tree(model, state):
-        yield state
+    layers = checkpointed_layers(model)
+    if not layers:
+        with _attention_switched(model, state):
+            yield state
+        return
+    configs = _configs(model)
+    before = [dict(vars(c)) for c in configs]
+    with _attention_switched(model, state):
+        toggle = _Toggle.between(configs, before)
+        with _replays_in_tree(layers, model, state, toggle):
+            yield state
 
 
 def checkpointed_layers(model) -> list:
@@ -88,14 +97,60 @@ def checkpointed_layers(model) -> list:
             and callable(getattr(m, "_gradient_checkpointing_func", None))]
 
 
+def _configs(model) -> list:
+    """Every config object the model's modules hold (shared ones once), with their sub-configs at any depth."""
+    seen: dict[int, object] = {}
+    stack = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "sub_configs")]
+    while stack:
+        config = stack.pop()
+        if id(config) not in seen:
+            seen[id(config)] = config
+            stack += [v for key in (config.sub_configs or {}) if (v := getattr(config, key, None)) is not None]
+    return list(seen.values())
+
+
+_MISSING = object()
+
+
+@dataclass
+class _Toggle:
+    """What switching to the hook changed in the model's configs, as plain attribute writes. The backward replays
+    every checkpointed layer outside the block; re-running set_attn_implementation there (it walks every module)
+    costs ~1 ms a layer, replaying these writes a few microseconds."""
+
+    changes: list  # (config, attribute, value off, value on); _MISSING where the attribute was absent
+
+    @classmethod
+    def between(cls, configs: list, before: list[dict]) -> "_Toggle":
+        changes = []
+        for config, old in zip(configs, before):
+            new = vars(config)
+            for name in old.keys() | new.keys():
+                off, on = old.get(name, _MISSING), new.get(name, _MISSING)
+                if off is not on and off != on:
+                    changes.append((config, name, off, on))
+        return cls(changes)
+
+    def is_off(self) -> bool:
+        """The configs hold exactly what the block restored: nothing has switched the model since."""
+        return bool(self.changes) and all(vars(c).get(name, _MISSING) == off for c, name, off, _ in self.changes)
+
+    def write(self, on: bool) -> None:
+        for config, name, off, value_on in self.changes:
+            value = value_on if on else off
+            if value is _MISSING:
+                vars(config).pop(name, None)
+            else:
+                vars(config)[name] = value
+
+
 @contextlib.contextmanager
-def _replays_in_tree(model, state: TreeState):
+def _replays_in_tree(layers: list, model, state: TreeState, toggle: _Toggle):
     """For the block, give each checkpointed layer a checkpoint function whose function (run in the forward and
     again by the backward's recompute, in whatever thread autograd uses) enters the hook itself."""
-    layers = checkpointed_layers(model)
     saved = [m.__dict__.get("_gradient_checkpointing_func") for m in layers]
     for m in layers:
-        m._gradient_checkpointing_func = _in_tree(m._gradient_checkpointing_func, model, state)
+        m._gradient_checkpointing_func = _in_tree(m._gradient_checkpointing_func, model, state, toggle)
     try:
         yield
     finally:
@@ -106,15 +161,34 @@ def _replays_in_tree(model, state: TreeState):
                 m._gradient_checkpointing_func = f
 
 
-def _in_tree(checkpoint_fn, model, state: TreeState):
+def _in_tree(checkpoint_fn, model, state: TreeState, toggle: _Toggle):
     def checkpoint_in_tree(function, *args, **kwargs):
-        def replay(*a, **k):  # in the forward the hook is already on (a no-op switch); in the backward it is not
-            with _attention_switched(model, state):
+        def replay(*a, **k):
+            if model.config._attn_implementation == ATTN_IMPLEMENTATION:  # the forward, inside the block
+                with _state_set(state):
+                    return function(*a, **k)
+            if toggle.is_off():  # the backward: replay the block's switch as plain writes
+                toggle.write(on=True)
+                try:
+                    with _state_set(state):
+                        return function(*a, **k)
+                finally:
+                    toggle.write(on=False)
+            with _attention_switched(model, state):  # something switched the model since: the slow, safe way
                 return function(*a, **k)
 
         return checkpoint_fn(replay, *args, **kwargs)
 
     return checkpoint_in_tree
+
+
+@contextlib.contextmanager
+def _state_set(state: TreeState):
+    token = _STATE.set(state)
+    try:
+        yield
+    finally:
+        _STATE.reset(token)
 
 
 @contextlib.contextmanager
