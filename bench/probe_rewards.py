@@ -8,7 +8,8 @@ teacher pairs (`CreditTeacher.pairs`, `CreditTeacher.score`) and prints, per tok
     sdpo = a - s,   contrast = a - beta,   credit = a - s - lam (beta - s)       (docs/method.md, "Token rewards")
 
 Token classes (`classify`): the ANSWER token (the token where the parsed answer first appears) of correct and
-of wrong responses, the FIRST token of responses that do not start with the answer, the end-of-turn token right
+of wrong responses (split into wrong answers copied from the input's first listed element and the others),
+the FIRST token of responses that do not start with the answer, the end-of-turn token right
 after a bare answer and elsewhere, and every other token. A design that lets CREDIT learn has a large positive
 (correct - wrong) gap on the answer token under `credit` and small generic penalties (first token, end of turn).
 Rollouts do not depend on the feedback, so all variants are scored on the same responses.
@@ -32,6 +33,7 @@ from collections import defaultdict
 import torch
 
 from credit.config import TrainConfig
+from credit.evaluation import mean_interval
 from credit.rollouts import HFSampler, stop_ids
 from credit.methods import student_logprobs
 from credit.trainer import rollout, setup
@@ -83,14 +85,23 @@ def answer_token(task, tokenizer, tokens: list[int]) -> int | None:
     return None
 
 
-CLASSES = ("answer_ok", "answer_bad", "first_pre", "eos_short", "eos", "other")
+CLASSES = ("answer_ok", "answer_bad", "answer_copy", "first_pre", "eos_short", "eos", "other")
 
 
-def classify(task, tokenizer, batch, stops: set[int]) -> list[list[str]]:
-    """Per response, the class of each token (`CLASSES`): the answer token of a correct / wrong response, the
-    first token of a response that does not start with its answer (a preamble), the end of turn within two tokens
-    after the answer ("7<|im_end|>", "7.<|im_end|>"), any other end of turn, and the rest."""
+def first_listed(record: dict) -> str | None:
+    """The first element of a list input ("largest": the first listed number), as the parser would return it."""
+    x = record.get("input")
+    return str(x[0]) if isinstance(x, (list, tuple)) and x else None
+
+
+def classify(task, tokenizer, batch, stops: set[int], records: list[dict] | None = None) -> list[list[str]]:
+    """Per response, the class of each token (`CLASSES`): the answer token of a correct / wrong response (a wrong
+    answer that is the input's first listed element, copied from the prompt, is `answer_copy` when `records` are
+    given, one per prompt), the first token of a response that does not start with its answer (a preamble), the
+    end of turn within two tokens after the answer ("7<|im_end|>", "7.<|im_end|>"), any other end of turn, and the
+    rest."""
     out = []
+    g = len(batch.responses) // len(records) if records else 0
     for i, resp in enumerate(batch.responses):
         k = answer_token(task, tokenizer, resp)
         cls = ["other"] * len(resp)
@@ -99,7 +110,9 @@ def classify(task, tokenizer, batch, stops: set[int]) -> list[list[str]]:
         if resp and resp[-1] in stops:
             cls[-1] = "eos_short" if k is not None and len(resp) - 1 - k <= 2 else "eos"
         if k is not None:
-            cls[k] = "answer_ok" if bool(batch.rollout.success[i]) else "answer_bad"
+            ok = bool(batch.rollout.success[i])
+            copied = bool(records) and task.parse(batch.rollout.texts[i]) == first_listed(records[i // g])
+            cls[k] = "answer_ok" if ok else "answer_copy" if copied else "answer_bad"
         out.append(cls)
     return out
 
@@ -107,8 +120,7 @@ def classify(task, tokenizer, batch, stops: set[int]) -> list[list[str]]:
 def probe_variant(cfg, run, batches, name: str) -> dict:
     """Mean sdpo / contrast / credit per token class over all batches, with this feedback variant."""
     fn = FEEDBACK[name]
-    sums = defaultdict(lambda: defaultdict(float))
-    counts = defaultdict(int)
+    values = defaultdict(lambda: defaultdict(list))  # class -> reward -> one value per token
     seq = defaultdict(list)  # success -> per-response summed credit reward
     greedy = []
     stops = stop_ids(run.student, run.tokenizer)
@@ -126,16 +138,20 @@ def probe_variant(cfg, run, batches, name: str) -> dict:
             s = student_logprobs(run.student, batch, list(range(len(batch))))
         beta = b.mean(0)
         rewards = {"sdpo": a - s, "contrast": a - beta, "credit": a - s - cfg.lam * (beta - s)}
-        classes = classify(run.env, run.tokenizer, batch, stops)
+        classes = classify(run.env, run.tokenizer, batch, stops, records)
         for i, cls in enumerate(classes):
             if not pairs.mask[i]:
                 continue
             for t, c in enumerate(cls):
-                counts[c] += 1
                 for key, r in rewards.items():
-                    sums[c][key] += float(r[i, t])
+                    values[c][key].append(float(r[i, t]))
             seq[bool(batch.rollout.success[i])].append(float(rewards["credit"][i, : len(cls)].sum()))
-    table = {c: {k: v / counts[c] for k, v in sums[c].items()} | {"n": counts[c]} for c in counts}
+    table = {}
+    for c, by_key in values.items():
+        table[c] = {"n": len(by_key["sdpo"])}
+        for key, vs in by_key.items():
+            mean, lo, hi = mean_interval(vs) if len(vs) > 1 else (vs[0], None, None)
+            table[c] |= {key: mean, f"{key}_interval": None if lo is None else [lo, hi]}
     n = sum(gr["n"] for gr in greedy)
     table["teacher_greedy"] = {k: sum(gr[k] * gr["n"] for gr in greedy) / max(1, n) for k in
                                ("accuracy", "answer_first", "mean_len")} | {"n": n, "examples": greedy[0]["examples"]}
@@ -165,17 +181,23 @@ def _row(table: dict, c: str) -> str:
     if c not in table:
         return f"  {c:<11} (none)"
     r = table[c]
-    return f"  {c:<11} n={r['n']:<4} sdpo {r['sdpo']:+.2f}  contrast {r['contrast']:+.2f}  credit {r['credit']:+.2f}"
+
+    def cell(key):
+        ci = r[f"{key}_interval"]
+        return f"{key} {r[key]:+.2f}" + ("" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]")
+
+    return f"  {c:<11} n={r['n']:<4} " + "  ".join(map(cell, ("sdpo", "contrast", "credit")))
 
 
 def report(name: str, table: dict) -> None:
     print(f"feedback={name}")
     for c in CLASSES:
         print(_row(table, c))
-    if "answer_ok" in table and "answer_bad" in table:
-        gap = {k: table["answer_ok"][k] - table["answer_bad"][k] for k in ("sdpo", "contrast", "credit")}
-        print(f"  answer gap (ok - bad): sdpo {gap['sdpo']:+.2f}  contrast {gap['contrast']:+.2f}  "
-              f"credit {gap['credit']:+.2f}")
+    for bad in ("answer_bad", "answer_copy"):
+        if "answer_ok" in table and bad in table:
+            gap = {k: table["answer_ok"][k] - table[bad][k] for k in ("sdpo", "contrast", "credit")}
+            print(f"  answer gap (ok - {bad[7:]}): sdpo {gap['sdpo']:+.2f}  contrast {gap['contrast']:+.2f}  "
+                  f"credit {gap['credit']:+.2f}")
     tg = table["teacher_greedy"]
     print(f"  teacher greedy in its contexts: accuracy {tg['accuracy']:.2f}  answer first {tg['answer_first']:.2f}  "
           f"length {tg['mean_len']:.1f} (n={tg['n']}); e.g. {tg['examples'][:3]}")
