@@ -11,8 +11,9 @@ Every run is `credit.trainer.train` with the protocol's settings (`COMMON`, plus
 options), writes its run directory under --runs (its checkpoint is deleted when the run ends: 1.5 GB each) and
 one JSON under bench/results/study/ (`<task>__<config>__seed<s>.json`); a run whose JSON exists is skipped, so an
 interrupted queue continues where it stopped. The step-0 evaluation of the untrained model is computed once per
-(task, seed) and shared through the eval cache. On a GPU, start one process per slice (`--parts k/n`) side by
-side: the 135M model leaves the card mostly idle.
+(task, seed) and shared through the eval cache. Processes may share a queue: each run is claimed (`claimed`, a
+lock file) before it starts, so none runs twice. On a GPU, start one process per slice (`--parts k/n`), or several
+on the same arguments, side by side: the 135M model leaves the card mostly idle.
 
 --aggregate reads every run JSON and writes bench/results/study_summary.json (per task and config: the mean
 over seeds with a 95% t interval of the held-out greedy and sampled accuracy at every evaluation step, of the
@@ -23,6 +24,8 @@ against its SDPO twin and GRPO; the decision rule's pick) and study_<task>.png c
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -147,6 +150,26 @@ def parse_part(text: str | None) -> tuple[int, int]:
     if not 1 <= k <= n:
         raise ValueError(f"--parts {text}: need 1 <= k <= n")
     return k, n
+
+
+@contextlib.contextmanager
+def claimed(out_dir: str, name: str):
+    """Yield True when this process holds run `name`: an exclusive flock on <out_dir>/<name>.lock, so processes
+    sharing one queue (overlapping --parts, or several started on the same arguments) never run the same run.
+    The kernel drops the lock of a killed process, so no claim outlives its run; the file goes when it ends."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name + ".lock")
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # while still locked: a process that opened it before sees the run's JSON
 
 
 def remaining(items: list, done: set[str]) -> list:
@@ -524,7 +547,11 @@ def main(argv=None) -> int:
         print(f"{len(items)} to run in this part; {len(done)} runs done in {args.out_dir}")
         return 0
     for t, c, s in items:
-        run_one(t, c, s, runs=args.runs, out_dir=args.out_dir, eval_cache=args.eval_cache, device=args.device)
+        with claimed(args.out_dir, run_name(t, c, s)) as mine:
+            # re-checked under the claim: another process may have finished it since the queue was read
+            if not mine or os.path.exists(os.path.join(args.out_dir, run_name(t, c, s) + ".json")):
+                continue
+            run_one(t, c, s, runs=args.runs, out_dir=args.out_dir, eval_cache=args.eval_cache, device=args.device)
     return 0
 
 

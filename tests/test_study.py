@@ -172,3 +172,40 @@ def test_run_one_writes_its_json_drops_the_checkpoint_and_is_skipped_when_done(t
                 "--out-dir", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert "todo  largest_shortcut" not in out and "0 to run in this part; 1 runs done" in out
+
+
+def test_a_claimed_run_is_not_run_twice(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    with study.claimed(out, "a") as first:
+        with study.claimed(out, "a") as second, study.claimed(out, "b") as other:
+            assert first and not second and other  # one holder per run; other runs are free
+        assert os.path.exists(os.path.join(out, "a.lock"))
+    assert not os.listdir(out)  # lock files go when their run ends
+    ran = []
+    monkeypatch.setattr(study, "run_one", lambda t, c, s, **k: ran.append(study.run_name(t, c, s)))
+    args = ["--tasks", "largest", "--configs", "grpo,sdpo_mu0", "--seeds", "0", "--out-dir", out]
+    with study.claimed(out, "largest__grpo__seed0"):  # another process is running it
+        study.main(args)
+    assert ran == ["largest__sdpo_mu0__seed0"]
+
+
+def test_a_killed_holder_leaves_no_claim(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "out")
+    code = (f"from bench import study; import time\nwith study.claimed({out!r}, 'a') as mine:\n"
+            "    print(mine, flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(study.__file__)))
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        with study.claimed(out, "a") as mine:
+            assert not mine
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        with study.claimed(out, "a") as mine:  # the lock file is still there, its lock is not
+            assert mine
+    finally:
+        holder.kill()
