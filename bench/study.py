@@ -4,6 +4,7 @@
     python bench/study.py --tasks largest_shortcut --configs grpo,sdpo_mu0,credit_lam0.5_mu0 --seeds 0
     python bench/study.py --parts 3/8                              # the 3rd of 8 interleaved slices (1-based)
     python bench/study.py --aggregate                              # study_*.json + plots from finished runs
+    touch runs/study/STOP                                          # running processes finish their run and exit
     python bench/study.py --base                                   # the untrained model on every task
     python bench/study.py --base-rate --rollout-steps 25           # largest_shortcut's base shortcut rate
 
@@ -546,7 +547,11 @@ def main(argv=None) -> int:
             print(f"todo  {run_name(t, c, s)}")
         print(f"{len(items)} to run in this part; {len(done)} runs done in {args.out_dir}")
         return 0
+    stop = os.path.join(args.runs, "STOP")
     for t, c, s in items:
+        if os.path.exists(stop):
+            print(f"study: {stop} exists: no new runs (delete it to go on)", flush=True)
+            break
         with claimed(args.out_dir, run_name(t, c, s)) as mine:
             # re-checked under the claim: another process may have finished it since the queue was read
             if not mine or os.path.exists(os.path.join(args.out_dir, run_name(t, c, s) + ".json")):

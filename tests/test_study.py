@@ -183,10 +183,16 @@ def test_a_claimed_run_is_not_run_twice(tmp_path, monkeypatch):
     assert not os.listdir(out)  # lock files go when their run ends
     ran = []
     monkeypatch.setattr(study, "run_one", lambda t, c, s, **k: ran.append(study.run_name(t, c, s)))
-    args = ["--tasks", "largest", "--configs", "grpo,sdpo_mu0", "--seeds", "0", "--out-dir", out]
+    args = ["--tasks", "largest", "--configs", "grpo,sdpo_mu0", "--seeds", "0", "--out-dir", out,
+            "--runs", str(tmp_path / "runs")]
     with study.claimed(out, "largest__grpo__seed0"):  # another process is running it
         study.main(args)
     assert ran == ["largest__sdpo_mu0__seed0"]
+    ran.clear()
+    os.makedirs(tmp_path / "runs")
+    (tmp_path / "runs" / "STOP").write_text("")  # running processes finish their run and start no new one
+    study.main(args)
+    assert ran == []
 
 
 def test_a_killed_holder_leaves_no_claim(tmp_path):
