@@ -540,7 +540,7 @@ def main(argv=None) -> int:
         print(f"wrote {path} and study_summary.md ({len(docs)} runs); decision: {summary['decision'].get('pick')}")
         plot(summary, os.path.join(RESULTS, "study"))
         return 0
-    done = {os.path.basename(x)[:-5] for x in glob.glob(os.path.join(args.out_dir, "*.json"))}
+    done = {os.path.basename(x)[:-5] for x in glob.glob(os.path.join(args.out_dir, "*__*__seed*.json"))}
     items = select(remaining(queue(tasks, configs, seeds), done), part)
     if args.list:
         for t, c, s in items:
