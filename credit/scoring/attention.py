@@ -195,16 +195,15 @@ def _state_set(state: TreeState):
 def _attention_switched(model, state: TreeState):
     _register_attention()
     original = model.config._attn_implementation
-    token = _STATE.set(state)
-    try:
-        _set_attn(model, ATTN_IMPLEMENTATION)
-        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-            raise ValueError(f"TeacherScorer: {type(model).__name__} refused attention implementation "
-                             f"{ATTN_IMPLEMENTATION!r}; use backend='naive'")
-        yield state
-    finally:
-        _STATE.reset(token)
-        if model.config._attn_implementation != original:
-            _set_attn(model, original)
+    with _state_set(state):
+        try:
+            _set_attn(model, ATTN_IMPLEMENTATION)
+            if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+                raise ValueError(f"TeacherScorer: {type(model).__name__} refused attention implementation "
+                                 f"{ATTN_IMPLEMENTATION!r}; use backend='naive'")
+            yield state
+        finally:
+            if model.config._attn_implementation != original:
+                _set_attn(model, original)
 
 
