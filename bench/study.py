@@ -453,10 +453,10 @@ def markdown(summary: dict) -> str:
         lo, hi = (r["lo"], r["hi"]) if signed else _unit(r["lo"], r["hi"])
         return f"{r['mean']:+.3f} [{lo:+.2f}, {hi:+.2f}]" if signed else f"{r['mean']:.3f} [{lo:.2f}, {hi:.2f}]"
 
-    def ci(r: dict | None) -> str:
+    def ci(r: dict | None) -> str:  # a signed difference or gain
         return cell(r, signed=True)
 
-    def level(r: dict | None) -> str:
+    def level(r: dict | None) -> str:  # a rate in [0, 1]
         return cell(r, signed=False)
 
     lines = []
@@ -494,6 +494,18 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_BEGIN, README_END = "<!-- study tables: bench/study.py --aggregate --readme writes them -->", "<!-- /study tables -->"
+
+
+def splice_readme(readme: str, tables: str) -> str:
+    """The README's study tables replaced by `tables` (study_summary.md), between the two markers, so the README
+    quotes exactly what the code computed; the prose around them stays the author's."""
+    begin, end = readme.find(README_BEGIN), readme.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"--readme: the README has no '{README_BEGIN}' ... '{README_END}' block")
+    return readme[:begin + len(README_BEGIN)] + "\n\n" + tables.strip() + "\n\n" + readme[end:]
+
+
 # ---------------------------------------------------------------------------------------------
 # the command line
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +519,8 @@ def main(argv=None) -> int:
     p.add_argument("--parts", default="", help="k/n: run only the k-th of n interleaved slices of the queue")
     p.add_argument("--list", action="store_true", help="print the queue and which runs are done; run nothing")
     p.add_argument("--aggregate", action="store_true", help="summarise finished runs: study_*.json and plots")
+    p.add_argument("--readme", nargs="?", const=os.path.join(ROOT, "README.md"), default=None, metavar="PATH",
+                   help="with --aggregate: also write the tables into the README's study block (default README.md)")
     p.add_argument("--base", action="store_true", help="evaluate the untrained model on the selected tasks/seeds")
     p.add_argument("--base-rate", action="store_true", help="measure largest_shortcut's base shortcut rate")
     p.add_argument("--rollout-steps", type=int, default=25, help="--base-rate: batches of P x G rollouts")
@@ -520,6 +534,8 @@ def main(argv=None) -> int:
     configs = _pick(args.configs, CONFIGS, "configs")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(SEEDS)
     part = parse_part(args.parts)
+    if args.readme and not args.aggregate:
+        p.error("--readme: only with --aggregate")
     if args.base_rate:
         seed = seeds[0]
         base_rate(args.rollout_steps, seed, os.path.join(RESULTS, "study_base_rate_largest_shortcut.json"))
@@ -538,6 +554,15 @@ def main(argv=None) -> int:
         with open(os.path.join(RESULTS, "study_summary.md"), "w") as f:
             f.write(markdown(summary))
         print(f"wrote {path} and study_summary.md ({len(docs)} runs); decision: {summary['decision'].get('pick')}")
+        if args.readme:
+            with open(args.readme) as f:
+                try:
+                    text = splice_readme(f.read(), markdown(summary))
+                except ValueError as e:
+                    p.error(str(e))
+            with open(args.readme, "w") as f:
+                f.write(text)
+            print(f"wrote the study tables into {args.readme}")
         plot(summary, os.path.join(RESULTS, "study"))
         return 0
     done = {os.path.basename(x)[:-5] for x in glob.glob(os.path.join(args.out_dir, "*__*__seed*.json"))}

@@ -149,6 +149,41 @@ def test_aggregate_writes_summary_and_plots(tmp_path, monkeypatch):
         study.main(["--aggregate", "--out-dir", str(tmp_path / "empty")])
 
 
+def test_readme_block_takes_the_summary_tables_and_keeps_the_prose(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study, "TASKS", {"largest_shortcut": study.TASKS["largest_shortcut"]})
+    out_dir = tmp_path / "runs"
+    out_dir.mkdir()
+    for d in _docs():
+        (out_dir / (study.run_name(d["task"], d["config"], d["seed"]) + ".json")).write_text(json.dumps(d))
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# intro\n\n{study.README_BEGIN}\nold table\n{study.README_END}\n\nprose after\n")
+    assert study.main(["--aggregate", "--out-dir", str(out_dir), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    tables = (tmp_path / "study_summary.md").read_text().strip()
+    assert "old table" not in text and f"{study.README_BEGIN}\n\n{tables}\n\n{study.README_END}" in text
+    assert text.startswith("# intro\n\n") and text.endswith("\n\nprose after\n")
+    # a second aggregate of the same runs leaves the README as it is
+    assert study.main(["--aggregate", "--out-dir", str(out_dir), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text
+    # bad use: one line, exit 2
+    readme.write_text("no block here\n")
+    for argv in (["--aggregate", "--out-dir", str(out_dir), "--readme", str(readme)], ["--readme", str(readme)]):
+        with pytest.raises(SystemExit) as exit_:
+            study.main(argv)
+        assert exit_.value.code == 2 and "--readme" in capsys.readouterr().err
+    assert readme.read_text() == "no block here\n"
+
+
+def test_the_repository_readme_quotes_the_committed_summary():
+    """The README's study tables are exactly bench/results/study_summary.md (kept so by --aggregate --readme)."""
+    with open(os.path.join(study.ROOT, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(study.RESULTS, "study_summary.md")) as f:
+        tables = f.read()
+    assert study.splice_readme(readme, tables) == readme
+
+
 @pytest.mark.skipif(not HAS_TEST_TOKENIZER, reason="the tiny test model borrows SmolLM2's tokenizer")
 def test_run_one_writes_its_json_drops_the_checkpoint_and_is_skipped_when_done(tiny_model_dir, tmp_path, capsys):
     kw = dict(model=tiny_model_dir, max_steps=2, eval_every=1, max_new_tokens=4, prompts_per_step=2,
