@@ -250,3 +250,16 @@ def test_a_killed_holder_leaves_no_claim(tmp_path):
             assert mine
     finally:
         holder.kill()
+
+
+def test_train_config_defaults_follow_the_studys_pick():
+    """`credit train` with no flags runs the committed study's pick once there is one (STUDY.md rule 2); until then
+    CREDIT.md's defaults (lam 0.5, mu 0, token level)."""
+    from credit.config import TrainConfig
+
+    with open(os.path.join(study.RESULTS, "study_summary.json")) as f:
+        pick = json.load(f)["decision"].get("pick")
+    default = TrainConfig()
+    expected = dict(study.CONFIGS[pick]) if pick else dict(method="credit", lam=0.5, mu=0.0, level="token")
+    expected = {"mu": 0.0, "level": "token", **expected}  # a config's unnamed options keep CREDIT.md's defaults
+    assert {k: getattr(default, k) for k in expected} == expected, pick
