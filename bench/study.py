@@ -62,17 +62,19 @@ TASKS = {
 # the tasks with an input-generic shortcut: their runs log task/shortcut_rate, their tables and plots show it
 SHORTCUT_TASKS = frozenset({"largest_shortcut"})
 
+# every config names method, lam, mu and level: the study must not lean on TrainConfig's defaults, which its pick
+# sets (rule 2); grpo ignores lam and mu, and they are pinned to the values its runs recorded
 CONFIGS = {
-    "grpo": dict(method="grpo"),
-    "sdpo_mu0": dict(method="sdpo", mu=0.0),
-    "sdpo_mu0.5": dict(method="sdpo", mu=0.5),
-    "credit_lam0.5_mu0": dict(method="credit", lam=0.5, mu=0.0),
-    "credit_lam0.5_mu0.5": dict(method="credit", lam=0.5, mu=0.5),
-    "credit_lam1_mu0": dict(method="credit", lam=1.0, mu=0.0),
-    "credit_lam1_mu0.5": dict(method="credit", lam=1.0, mu=0.5),
-    "sdpo_topk": dict(method="sdpo", level="topk"),
-    "credit_lam0.5_topk": dict(method="credit", lam=0.5, level="topk"),
-    "credit_lam1_topk": dict(method="credit", lam=1.0, level="topk"),
+    "grpo": dict(method="grpo", lam=0.5, mu=0.0, level="token"),
+    "sdpo_mu0": dict(method="sdpo", lam=0.5, mu=0.0, level="token"),
+    "sdpo_mu0.5": dict(method="sdpo", lam=0.5, mu=0.5, level="token"),
+    "credit_lam0.5_mu0": dict(method="credit", lam=0.5, mu=0.0, level="token"),
+    "credit_lam0.5_mu0.5": dict(method="credit", lam=0.5, mu=0.5, level="token"),
+    "credit_lam1_mu0": dict(method="credit", lam=1.0, mu=0.0, level="token"),
+    "credit_lam1_mu0.5": dict(method="credit", lam=1.0, mu=0.5, level="token"),
+    "sdpo_topk": dict(method="sdpo", lam=0.5, mu=0.0, level="topk"),
+    "credit_lam0.5_topk": dict(method="credit", lam=0.5, mu=0.0, level="topk"),
+    "credit_lam1_topk": dict(method="credit", lam=1.0, mu=0.0, level="topk"),
 }
 
 # the SDPO run each CREDIT config is compared with: same mu and level, lam = 0

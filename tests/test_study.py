@@ -24,6 +24,24 @@ def test_every_task_and_config_builds_a_valid_train_config(tmp_path):
         assert os.path.exists(os.path.join(study.ROOT, study._MCQ.format(name)))
 
 
+def test_committed_runs_are_what_the_protocol_builds_today():
+    """Every committed run JSON recorded the TrainConfig that run_config builds now (paths aside): the protocol does
+    not lean on TrainConfig's defaults, so the study's pick becoming the default changes none of its runs."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(study.RESULTS, "study", "*__seed*.json")))
+    assert paths
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        built = study.run_config(doc["task"], doc["config"], doc["seed"], "runs", "cache.json").to_dict()
+        for key in ("output", "eval_cache"):
+            built.pop(key), doc["train_config"].pop(key)
+        assert doc["train_config"] == built, os.path.basename(path)
+    for config, flags in study.CONFIGS.items():
+        assert {"method", "lam", "mu", "level"} <= set(flags), config
+
+
 def test_queue_slices_cover_the_queue_once():
     items = study.queue(list(study.TASKS), list(study.CONFIGS), list(study.SEEDS))
     assert len(items) == len(study.TASKS) * len(study.CONFIGS) * len(study.SEEDS) == 200
