@@ -484,11 +484,16 @@ def markdown(summary: dict) -> str:
                                    + (["shortcut rate diff"] if shortcut else []), pairs)
         lines.append("")
     dec = summary["decision"]
+    scores = ", ".join(f"{c} {v:.3f}" for c, v in sorted(dec.get("selection_score", {}).items(),
+                                                      key=lambda kv: -kv[1]))
     if dec.get("pick"):
-        lines.append(f"Decision rule (complete study): pick {dec['pick']}")
+        lines.append(f"Decision rule (complete study): pick {dec['pick']} (selection score, training accuracy steps "
+                     f"11-20 averaged over tasks: {scores}).")
+        lines += ["", "| task | goals met (mean over seeds) | goals not met |", "|---|---|---|"]
+        for task, goals in dec.get("goals", {}).items():
+            met = [g for g, ok in goals.items() if ok]
+            lines.append(f"| {task} | {', '.join(met) or '-'} | {', '.join(g for g in goals if g not in met) or '-'} |")
     else:
-        scores = ", ".join(f"{c} {v:.3f}" for c, v in sorted(dec.get("selection_score", {}).items(),
-                                                          key=lambda kv: -kv[1]))
         lines.append("Decision rule: no pick, the study is not complete"
                      + (f" (tasks not yet run: {', '.join(dec['missing_tasks'])})" if dec.get("missing_tasks") else "")
                      + (f"; provisional leader on the configs run on every task: {dec['leader']} (selection score, "

@@ -63,7 +63,8 @@ class TrainConfig:
     num_partners: int = _f(1, "M: shuffled partner inputs per response (1 <= M <= P - 1)")
     baseline: str = _f("mean", "aggregation of the shuffled teacher log-probs: mean | logmeanexp")
     swap: str = _f("input", "input: partner prompt with own feedback (variant A) | context: partner's whole context")
-    mu: float = _f(0.0, "outcome-advantage mix A = mu * A_grpo + (1 - mu) * r (0 = dense rewards only)")
+    mu: float = _f(0.5, "outcome-advantage mix A = mu * A_grpo + (1 - mu) * r (0 = dense rewards only); 0.5 is "
+                        "the learning study's pick (bench/STUDY.md); a --level topk run left unset gets 0")
     normalize_rewards: bool = _f(False, "normalise token rewards over the batch's masked tokens")
     topk: int = _f(20, "top-k ids per position for --level topk")
     alpha: float = _f(0.5, "divergence for --level topk: 0 forward KL, 1 reverse KL, between: generalised JSD")
@@ -150,8 +151,8 @@ class TrainConfig:
                 f"({self.prompts_per_step - 1})"
             )
         if self.level == "topk" and self.mu > 0:
-            raise ValueError("TrainConfig: `mu` > 0 mixes outcome advantages into the token-level policy gradient; "
-                             "use it with `level` token")
+            raise ValueError(f"TrainConfig: `mu` > 0 mixes outcome advantages into the token-level policy gradient, "
+                             f"so it needs `level` token; got `mu` {self.mu} with `level` topk: pass `mu` 0 there")
         if self.method == "grpo" and self.level == "topk":
             raise ValueError("TrainConfig: `level` topk is a distillation loss; it needs `method` sdpo or credit")
         if self.logger not in ("jsonl", "wandb"):
@@ -200,6 +201,8 @@ def build_config(values: dict[str, Any], *, source: str = "config") -> TrainConf
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"{source}: unknown TrainConfig keys {unknown}; known: {sorted(fields)}")
+    if values.get("level") == "topk" and "mu" not in values:  # mu's default belongs to the token level
+        values = {**values, "mu": 0.0}
     out = {}
     for k, v in values.items():
         want = type(fields[k].default)

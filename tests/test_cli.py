@@ -42,12 +42,26 @@ def assert_one_line_error(proc, command: str, *needles: str, after_loading: bool
     (["--method", "foo"], ["--method must be one of"]),
     (["--lam", "abc"], ["argument --lam: invalid float value: 'abc'", "credit train --help"]),
     (["--bogus", "1"], ["unrecognized arguments: --bogus 1"]),
+    (["--level", "topk", "--mu", "0.5"], ["--mu 0.5 with --level topk: pass --mu 0 there"]),
 ])
 def test_bad_flags_are_one_line_exit_2_and_write_nothing(tmp_path, args, needles):
     out = tmp_path / "run"
     proc = run_credit("train", *args, "--output", str(out))
     assert_one_line_error(proc, "train", *needles)
     assert not out.exists()
+
+
+def test_mu_default_is_the_studys_pick_and_topk_gets_zero():
+    """mu's default (0.5, the learning study's pick) is the token level's: a topk run that leaves mu unset, from
+    flags or a config file, gets 0; one that sets mu > 0 is refused, naming mu."""
+    from credit.config import TrainConfig, build_config
+
+    assert TrainConfig().mu == 0.5 and build_config({}).mu == 0.5
+    assert build_config({"level": "topk"}).mu == 0.0 and build_config({"level": "token"}).mu == 0.5
+    assert build_config({"level": "topk", "mu": 0.0}).mu == 0.0
+    for make in (lambda: TrainConfig(level="topk"), lambda: build_config({"level": "topk", "mu": 0.25})):
+        with pytest.raises(ValueError, match="`mu` .* with `level` topk: pass `mu` 0 there"):
+            make()
 
 
 def test_missing_and_malformed_data_files(tmp_path):

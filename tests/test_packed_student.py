@@ -421,7 +421,7 @@ def test_training_with_and_without_sharing_gives_the_same_metrics(tiny_model_dir
         cfg = TrainConfig(model=tiny_model_dir, output=str(tmp_path / str(share)), max_steps=3, prompts_per_step=3,
                           rollouts_per_prompt=2, max_new_tokens=6, micro_batch=4, eval_max=4, eval_every=0,
                           save_every=0, sample_every=0, progress=False, lr=1e-3, method=method, level=level, topk=5,
-                          share_prompts=share)
+                          mu=0.5 if level == "token" else 0.0, share_prompts=share)
         assert TrainConfig().share_prompts  # on by default
         train(cfg)
         assert bool(calls) == share  # the packed path ran exactly when asked

@@ -161,7 +161,11 @@ def test_aggregate_writes_summary_and_plots(tmp_path, monkeypatch):
     table = (tmp_path / "study_summary.md").read_text()
     gain = summary["tasks"]["largest_shortcut"]["configs"]["credit_lam0.5_mu0"]["greedy_gain"]
     assert f"| credit_lam0.5_mu0 | 0,1,2 | 0.300 -> " in table and f"{gain['mean']:+.3f}" in table
-    assert "Decision rule (complete study): pick credit_lam0.5_mu0" in table
+    assert "Decision rule (complete study): pick credit_lam0.5_mu0 (selection score" in table
+    goals = summary["decision"]["goals"]["largest_shortcut"]
+    met = ", ".join(g for g, ok in goals.items() if ok) or "-"
+    missed = ", ".join(g for g, ok in goals.items() if not ok) or "-"
+    assert f"| largest_shortcut | {met} | {missed} |" in table and "shortcut rate < sdpo_mu0" in table
     assert "| credit_lam0.5_mu0 - sdpo_mu0 | 0,1,2 |" in table and "shortcut rate, steps 11-20" in table
     with pytest.raises(ValueError, match="no run JSON"):
         study.main(["--aggregate", "--out-dir", str(tmp_path / "empty")])
@@ -271,13 +275,14 @@ def test_a_killed_holder_leaves_no_claim(tmp_path):
 
 
 def test_train_config_defaults_follow_the_studys_pick():
-    """`credit train` with no flags runs the committed study's pick once there is one (STUDY.md rule 2); until then
-    CREDIT.md's defaults (lam 0.5, mu 0, token level)."""
+    """`credit train` with no flags runs the committed study's pick (STUDY.md rule 2): its method, lam, mu and
+    level are TrainConfig's defaults. The committed summary must hold a pick: the study is complete at 3 seeds."""
     from credit.config import TrainConfig
 
     with open(os.path.join(study.RESULTS, "study_summary.json")) as f:
-        pick = json.load(f)["decision"].get("pick")
+        decision = json.load(f)["decision"]
+    pick = decision.get("pick")
+    assert decision["complete"] and pick in study.CONFIGS and pick.startswith("credit"), decision.get("why")
     default = TrainConfig()
-    expected = dict(study.CONFIGS[pick]) if pick else dict(method="credit", lam=0.5, mu=0.0, level="token")
-    expected = {"mu": 0.0, "level": "token", **expected}  # a config's unnamed options keep CREDIT.md's defaults
+    expected = dict(study.CONFIGS[pick])
     assert {k: getattr(default, k) for k in expected} == expected, pick

@@ -30,7 +30,8 @@ def _cfg(model_dir, out, **kw):
 def test_every_method_runs_and_updates(tiny_model_dir, tmp_path, method, level):
     from credit.trainer import train
 
-    cfg = _cfg(tiny_model_dir, tmp_path / method, method=method, level=level, topk=5)
+    mu = {"mu": 0.0} if level == "topk" else {}  # TrainConfig refuses the default mu 0.5 at topk
+    cfg = _cfg(tiny_model_dir, tmp_path / method, method=method, level=level, topk=5, **mu)
     summary = train(cfg)
     assert summary["steps"] == 2 and summary["accuracy_before"] is not None
     rows = read_metrics(os.path.join(cfg.output, "metrics.jsonl"))
